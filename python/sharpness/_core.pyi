@@ -1,0 +1,81 @@
+"""Stubs of the native module `sharpness._core` (Rust, PyO3).
+
+Every tensor argument is one C-contiguous ndarray (a flat buffer) or a sequence of them (a list of
+tensors); the lists of one call are aligned: array ``i`` of every argument has the same shape.
+One call takes one dtype: float32, float64, float16, or bfloat16 passed as its raw ``uint16``
+storage. Arrays that are written must be writable and must not overlap any other array of the
+call. Violations raise ``TypeError`` (dtype, argument type) or ``ValueError`` (shape, count,
+contiguity, alignment, read-only, aliasing). The GIL is released while a kernel runs; results do
+not depend on the number of threads.
+"""
+
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+import numpy.typing as npt
+
+Tensors = Union[npt.NDArray[np.generic], Sequence[npt.NDArray[np.generic]]]
+
+__version__: str
+CHUNK: int
+
+def sum_of_squares(grads: Tensors) -> float:
+    """Σ g² over every element, accumulated in float64."""
+
+def sum_of_squares_adaptive(weights: Tensors, grads: Tensors, eta: float) -> float:
+    """Σ ((|w| + eta)·g)², the squared norm of ASAM's ``T_w g``, accumulated in float64."""
+
+def perturb(weights: Tensors, grads: Tensors, backups: Tensors, scale: float) -> None:
+    """``backups ← weights; weights ← weights + scale·grads`` (SAM's ascent, ``scale = ρ/‖g‖``)."""
+
+def perturb_adaptive(weights: Tensors, grads: Tensors, backups: Tensors, scale: float, eta: float) -> None:
+    """``backups ← weights; weights ← weights + scale·(|weights| + eta)²·grads`` (ASAM)."""
+
+def restore(weights: Tensors, backups: Tensors) -> None:
+    """``weights ← backups``, bit for bit."""
+
+def restore_sgd(
+    weights: Tensors,
+    backups: Tensors,
+    grads: Tensors,
+    momentum_buffers: Tensors | None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    init_momentum: bool = False,
+) -> None:
+    """Restore ``weights`` from ``backups``, then one ``torch.optim.SGD`` step with ``grads``.
+
+    ``momentum_buffers`` is required when ``momentum != 0``; ``init_momentum`` says the buffers do
+    not exist yet (torch then starts them as the first update direction).
+    """
+
+def restore_adam(
+    weights: Tensors,
+    backups: Tensors,
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    max_exp_avg_sqs: Tensors | None = None,
+    *,
+    step: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> None:
+    """Restore ``weights`` from ``backups``, then one ``torch.optim.Adam`` step (``AdamW`` with
+    ``decoupled=True``) with ``grads``. ``step`` is the step count after this step (from 1);
+    ``max_exp_avg_sqs`` is given exactly when ``amsgrad`` is true."""
+
+def num_threads() -> int:
+    """Threads the kernels run on (rayon's pool; ``RAYON_NUM_THREADS`` sets it)."""
