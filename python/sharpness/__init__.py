@@ -1,5 +1,19 @@
-"""sharpness: fast, exact Sharpness-Aware Minimization."""
+"""sharpness: fast, exact Sharpness-Aware Minimization (SAM) and its family.
+
+- :class:`sharpness.SAM`: SAM/ASAM around any ``torch.optim`` optimizer, native fused kernels
+  for CPU tensors, foreach ops elsewhere.
+- :mod:`sharpness.numpy`: the same methods over lists of numpy arrays.
+- :func:`sharpness.frozen_running_stats`: keep BatchNorm statistics out of the second pass.
+"""
 
 from sharpness._core import __version__
+from sharpness.batchnorm import disable_running_stats, enable_running_stats, frozen_running_stats
+from sharpness.optim import SAM
 
-__all__ = ["__version__"]
+__all__ = [
+    "SAM",
+    "__version__",
+    "disable_running_stats",
+    "enable_running_stats",
+    "frozen_running_stats",
+]

@@ -1,0 +1,26 @@
+"""Engines that carry out SAM's memory passes, one per kind of tensor.
+
+Every engine serves the parameters of one (device, dtype) and offers the same small contract,
+so the optimizers in :mod:`sharpness.optim` never look at devices:
+
+- ``begin()``: take stock of which parameters hold a gradient (torch's ``grad is not None``);
+- ``sum_of_squares(groups)``: ``Σ g²`` (``Σ ((|w|+η)g)²`` for adaptive groups) as a float;
+- ``perturb(groups, norm)``: save what exact restoration needs, then ``w ← w + e`` with
+  ``e = ρ·g/(norm+ε)`` (``ρ·T²g/(norm+ε)`` for adaptive groups);
+- ``restore()``: ``w ←`` the saved weights, bit for bit;
+- ``can_fuse(base, groups)`` / ``restore_and_step(base, groups)``: the restoration fused with
+  the base optimizer's step, where the engine has a kernel for that optimizer;
+- ``zero_grad(set_to_none)``.
+
+:class:`~sharpness.backends.rust.RustEngine` serves CPU tensors through the native kernels over
+flat buffers; :class:`~sharpness.backends.torch_foreach.TorchEngine` serves any device with
+``torch._foreach_*`` ops over lists.
+"""
+
+from sharpness.backends.rust import RustEngine
+from sharpness.backends.torch_foreach import TorchEngine
+
+
+from sharpness.backends._common import NORM_EPS
+
+__all__ = ["NORM_EPS", "RustEngine", "TorchEngine"]

@@ -1,0 +1,116 @@
+"""Any-device engine: ``torch._foreach_*`` ops over the parameters' own tensors.
+
+It serves devices without a native kernel (CUDA until the Triton engine lands, MPS, ...),
+``backend="torch"``, and parameters that cannot be re-homed into flat buffers (frozen ones, whose
+gradients stay ``None`` until they are unfrozen). Parameters keep their own storage; a per-parameter
+backup gives exact restoration; the base optimizer always takes its own step.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sharpness.backends._common import scale_of
+
+
+class TorchEngine:
+    """Serves parameters of one (device, dtype) with foreach ops over lists."""
+
+    name = "torch"
+
+    def __init__(self, params: list[Tensor], group_of: list[int], stats: Counter) -> None:
+        self.params = params
+        self.group_of = group_of
+        self.stats = stats
+        self.backups: dict[int, Tensor] = {}
+        self.by_group: dict[int, list[int]] = {}
+        self.perturbed: list[int] = []
+
+    def release(self) -> None:
+        pass
+
+    def begin(self) -> None:
+        self.by_group = {}
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("SAM does not support sparse gradients (use a dense embedding, sparse=False)")
+            self.by_group.setdefault(self.group_of[i], []).append(i)
+
+    def zero_grad(self, set_to_none: bool) -> None:
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
+
+    def _lists(self, indices: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        return [self.params[i] for i in indices], [self.params[i].grad for i in indices]
+
+    @staticmethod
+    def _adaptive_factor(weights: list[Tensor], eta: float) -> list[Tensor]:
+        """``T = |w| + η`` per tensor."""
+        t = torch._foreach_abs(weights)
+        torch._foreach_add_(t, eta)
+        return t
+
+    def sum_of_squares(self, groups: list[dict[str, Any]]) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for gi, indices in self.by_group.items():
+                group = groups[gi]
+                weights, grads = self._lists(indices)
+                if group["sam_adaptive"]:
+                    grads = torch._foreach_mul(self._adaptive_factor(weights, float(group["sam_eta"])), grads)
+                norms = torch._foreach_norm(grads)
+                total += float(torch.stack(norms).double().square().sum())
+        return total
+
+    def perturb(self, groups: list[dict[str, Any]], norm: float) -> None:
+        self.perturbed = []
+        with torch.no_grad():
+            for gi, indices in self.by_group.items():
+                group = groups[gi]
+                weights, grads = self._lists(indices)
+                backups = [self._backup(i) for i in indices]
+                torch._foreach_copy_(backups, weights)
+                if group["sam_adaptive"]:
+                    t = self._adaptive_factor(weights, float(group["sam_eta"]))
+                    torch._foreach_mul_(t, t)
+                    e = torch._foreach_mul(t, grads)
+                    torch._foreach_mul_(e, scale_of(group, norm))
+                else:
+                    e = torch._foreach_mul(grads, scale_of(group, norm))
+                torch._foreach_add_(weights, e)
+                self.perturbed.extend(indices)
+
+    def _backup(self, i: int) -> Tensor:
+        b = self.backups.get(i)
+        p = self.params[i]
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+            b = torch.empty_like(p, memory_format=torch.preserve_format)
+            self.backups[i] = b
+        return b
+
+    def restore(self) -> None:
+        if self.perturbed:
+            with torch.no_grad():
+                torch._foreach_copy_([self.params[i] for i in self.perturbed], [self.backups[i] for i in self.perturbed])
+            self.perturbed = []
+
+    def can_fuse(self, base: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> bool:
+        return False
+
+    def restore_and_step(self, base: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+        raise RuntimeError("the torch engine has no fused step: restore, then let the base optimizer step")

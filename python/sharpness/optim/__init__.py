@@ -1,0 +1,5 @@
+"""Torch optimizers of the SAM family (one module per method family)."""
+
+from sharpness.optim.sam import SAM
+
+__all__ = ["SAM"]

@@ -1,0 +1,315 @@
+"""SAM and ASAM as a ``torch.optim.Optimizer`` wrapping any base optimizer.
+
+Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv:2010.01412) minimises the loss at
+the worst point of a ball around the weights. Each step:
+
+1. ``g = ∇L(w)``; ``e = ρ·g/(‖g‖ + ε)`` with one global norm over every parameter of every group;
+2. ``w ← w + e`` and ``g̃ = ∇L(w + e)``;
+3. ``w ←`` the saved ``w`` exactly, then the base optimizer steps with ``g̃``.
+
+ASAM (Kwon et al., ICML 2021, arXiv:2102.11600) makes the ball scale-invariant:
+``T = |w| + η`` elementwise and ``e = ρ·T²g/(‖T g‖ + ε)``; ``η = 0`` is the widely copied form.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sharpness.backends.rust import RustEngine
+from sharpness.backends.torch_foreach import TorchEngine
+from sharpness.buffers import LayoutChanged
+
+_BACKENDS = ("auto", "rust", "torch")
+_RUST_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# SAM's own keys in the (shared) parameter groups: prefixed so that they never collide with a
+# base optimizer's (Adadelta has its own `rho`).
+SAM_KEYS = ("sam_rho", "sam_adaptive", "sam_eta")
+
+_HOW_TO_CALL = (
+    "call SAM either with a closure, `optimizer.step(closure)` where the closure zeroes the "
+    "gradients, runs the forward and backward passes and returns the loss (it is called twice), or "
+    "in two calls: `loss.backward(); optimizer.first_step(zero_grad=True); "
+    "loss_fn(model(x), y).backward(); optimizer.second_step(zero_grad=True)`"
+)
+
+
+class SAM(torch.optim.Optimizer):
+    r"""Sharpness-Aware Minimization around any ``torch.optim`` base optimizer.
+
+    Algorithm (Foret et al., ICLR 2021, arXiv:2010.01412; ASAM: Kwon et al., ICML 2021,
+    arXiv:2102.11600)::
+
+        g  = ∇L(w)                                 # first forward/backward, at w
+        e  = ρ g / (‖g‖ + 1e-12)                   # SAM
+        e  = ρ T² g / (‖T g‖ + 1e-12), T = |w|+η   # ASAM (adaptive=True)
+        g̃  = ∇L(w + e)                             # second forward/backward, at w + e
+        w  ← base_step(w, g̃)                       # from the exact original w
+
+    The norm is global: one norm over every parameter of every group. ``ρ``, ``adaptive`` and
+    ``η`` may differ per group (keys ``sam_rho``, ``sam_adaptive``, ``sam_eta``). The weights
+    come back from a saved copy, bit for bit; with ``rho=0`` SAM is its base optimizer.
+
+    CPU parameters are re-homed into one flat buffer per dtype (``p.data`` and ``p.grad`` become
+    views of it) and every pass is a native multithreaded kernel; for ``torch.optim.SGD``,
+    ``Adam`` and ``AdamW`` the restoration and the base step are one fused pass, keeping the base
+    optimizer's state (``state_dict`` compatible with torch's). Other devices use ``torch._foreach``
+    ops. ``stats`` counts what ran (fused steps, gradients or parameters that had to be copied
+    back into the buffers after something replaced them).
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        base_optimizer: a ``torch.optim.Optimizer`` class, built on the same parameter groups
+            with ``base_kwargs``, or an instance already built on these parameters.
+        rho: the radius ``ρ`` (0.05 is SAM's usual value; ASAM uses 0.5–2).
+        adaptive: ASAM's scale-invariant perturbation.
+        eta: ASAM's ``η`` (0.01 in the paper; 0 gives the widely copied form).
+        backend: ``"auto"`` (native kernels for CPU tensors, foreach ops elsewhere), ``"rust"``
+            (native kernels; CPU tensors only) or ``"torch"`` (foreach ops everywhere).
+        **base_kwargs: passed to ``base_optimizer`` when it is a class (``lr``, ``momentum`` ...).
+
+    Example:
+        >>> import torch, sharpness
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = sharpness.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = opt.step(closure)  # the closure runs twice: at w, then at w + e
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        if not (rho >= 0.0 and math.isfinite(rho)):
+            raise ValueError(f"rho must be a finite number >= 0, got {rho}")
+        if not (eta >= 0.0 and math.isfinite(eta)):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        defaults = dict(sam_rho=rho, sam_adaptive=bool(adaptive), sam_eta=eta)
+        super().__init__(params, defaults)
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if base_kwargs:
+                raise TypeError(f"base optimizer arguments {sorted(base_kwargs)} given with an optimizer instance")
+            mine = {id(p) for g in self.param_groups for p in g["params"]}
+            theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+            if mine != theirs:
+                raise ValueError("the base optimizer instance must be built on the same parameters as SAM")
+            for group in base_optimizer.param_groups:
+                for key, value in defaults.items():
+                    group.setdefault(key, value)
+            self.base_optimizer = base_optimizer
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer class or instance, got {base_optimizer!r}")
+        for group in self.base_optimizer.param_groups:
+            self._check_group(group)
+        self._link_base()
+        self.defaults.update(self.base_optimizer.defaults)
+        self.backend = backend
+        self.stats: Counter = Counter()
+        self._engines: list[RustEngine | TorchEngine] | None = None
+        self._pending: str | None = None  # None, "perturbed" or "skipped"
+        if backend == "rust":
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.device.type != "cpu" or p.dtype not in _RUST_DTYPES:
+                        raise ValueError(
+                            f'backend="rust" runs on CPU tensors of {[str(d) for d in _RUST_DTYPES]}; '
+                            f"got a {p.dtype} parameter on {p.device} (use backend='auto' or 'torch')"
+                        )
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        if not (group["sam_rho"] >= 0.0 and math.isfinite(group["sam_rho"])):
+            raise ValueError(f"sam_rho must be a finite number >= 0, got {group['sam_rho']}")
+        if not (group["sam_eta"] >= 0.0 and math.isfinite(group["sam_eta"])):
+            raise ValueError(f"sam_eta must be a finite number >= 0, got {group['sam_eta']}")
+
+    def _link_base(self) -> None:
+        # One list of groups and one state for both: an LR scheduler built on either optimizer
+        # changes the learning rate the other sees.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def _build_engines(self) -> list[RustEngine | TorchEngine]:
+        if self._engines is not None:
+            for engine in self._engines:
+                engine.release()
+        buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                native = (
+                    self.backend != "torch"
+                    and p.device.type == "cpu"
+                    and p.dtype in _RUST_DTYPES
+                    and p.requires_grad  # frozen parameters keep torch's `grad is None` as is
+                )
+                key = ("rust" if native else "torch", p.device, p.dtype)
+                params, group_of = buckets.setdefault(key, ([], []))
+                params.append(p)
+                group_of.append(gi)
+        engines: list[RustEngine | TorchEngine] = []
+        for (kind, _, _), (params, group_of) in buckets.items():
+            engine_class = RustEngine if kind == "rust" else TorchEngine
+            engines.append(engine_class(params, group_of, self.stats))
+        self.stats["layouts"] += 1
+        return engines
+
+    def engines(self) -> list[RustEngine | TorchEngine]:
+        """The engines serving the parameters (built on first use)."""
+        if self._engines is None:
+            self._engines = self._build_engines()
+        return self._engines
+
+    def _begin(self) -> list[RustEngine | TorchEngine]:
+        engines = self.engines()
+        try:
+            for engine in engines:
+                engine.begin()
+        except LayoutChanged:
+            self._engines = self._build_engines()
+            engines = self._engines
+            for engine in engines:
+                engine.begin()
+        return engines
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key, value in self.defaults.items():
+            if key in SAM_KEYS:
+                param_group.setdefault(key, value)
+        if hasattr(self, "base_optimizer"):
+            self.base_optimizer.add_param_group(param_group)
+            self._check_group(self.param_groups[-1])
+            if self._engines is not None:
+                self._engines = self._build_engines()
+        else:  # during torch.optim.Optimizer.__init__
+            super().add_param_group(param_group)
+
+    # -- the two halves of a SAM step ---------------------------------------------------------
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Moves the weights to ``w + e`` using the gradients now in ``p.grad``.
+
+        A non-finite gradient norm (an overflowing loss scale, a NaN) applies no perturbation:
+        the weights stay as they are, ``stats["nonfinite_skips"]`` counts it, and
+        :meth:`second_step` then does exactly what the base optimizer does with the gradients
+        it is given (a GradScaler then skips the step as usual).
+        """
+        if self._pending is not None:
+            raise RuntimeError("first_step() was called twice without second_step() in between; " + _HOW_TO_CALL)
+        engines = self._begin()
+        norm = math.sqrt(sum(engine.sum_of_squares(self.param_groups) for engine in engines))
+        if math.isfinite(norm):
+            for engine in engines:
+                engine.perturb(self.param_groups, norm)
+            self._pending = "perturbed"
+        else:
+            self.stats["nonfinite_skips"] += 1
+            self._pending = "skipped"
+        self.last_grad_norm = norm
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restores the weights saved by :meth:`first_step` and lets the base optimizer step with
+        the gradients now in ``p.grad`` (taken at ``w + e``)."""
+        if self._pending is None:
+            raise RuntimeError("second_step() needs a first_step() before it; " + _HOW_TO_CALL)
+        pending, self._pending = self._pending, None
+        engines = self.engines()
+        if pending == "perturbed" and all(e.can_fuse(self.base_optimizer, self.param_groups) for e in engines):
+            for engine in engines:
+                engine.restore_and_step(self.base_optimizer, self.param_groups)
+        else:
+            for engine in engines:
+                engine.restore()
+            for engine in engines:
+                engine.begin()  # re-attach any gradient view replaced since first_step
+            self.base_optimizer.step()
+            self.stats["base_steps"] += 1
+        self.stats["steps"] += 1
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """A whole SAM step with a closure, or the second half after :meth:`first_step`.
+
+        ``closure`` zeroes the gradients, runs the forward and backward passes and returns the
+        loss; it is called at ``w`` and again at ``w + e``. Returns the loss of the first call.
+        Without a closure, ``step()`` completes a pending :meth:`first_step` (what trainers that
+        call ``optimizer.step()`` themselves need) and raises otherwise.
+        """
+        if closure is None:
+            if self._pending is None:
+                raise RuntimeError("step() without a closure needs a first_step() before it; " + _HOW_TO_CALL)
+            self.second_step()
+            return None
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step()
+        with torch.enable_grad():
+            closure()
+        self.second_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the gradients. Gradients in flat buffers stay views of them (one memset);
+        ``set_to_none`` marks them absent, exactly as torch's ``p.grad = None`` would."""
+        for engine in self.engines():
+            engine.zero_grad(set_to_none)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's ``state_dict`` (its state and the shared groups, with SAM's keys)
+        plus SAM's own counters under ``"sam"``. Refused between ``first_step`` and
+        ``second_step``, where the weights are perturbed: checkpoint before or after a step."""
+        if self._pending is not None:
+            raise RuntimeError(
+                "state_dict() between first_step() and second_step(): the weights are perturbed "
+                "and the checkpoint would not resume exactly; take it after second_step()"
+            )
+        sd = self.base_optimizer.state_dict()
+        sd["sam"] = {"stats": dict(self.stats)}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._pending is not None:
+            raise RuntimeError("load_state_dict() between first_step() and second_step()")
+        state_dict = dict(state_dict)
+        sam = state_dict.pop("sam", {})
+        self.base_optimizer.load_state_dict(state_dict)
+        self._link_base()
+        for group in self.param_groups:
+            for key in SAM_KEYS:
+                group.setdefault(key, self.defaults[key])
+        # The same Counter object: the engines hold it. The loaded state tensors are adopted into
+        # the flat buffers on the next step.
+        self.stats.clear()
+        self.stats.update(sam.get("stats", {}))
+
+    def __repr__(self) -> str:
+        return f"SAM(backend={self.backend!r}, base={self.base_optimizer!r})"
