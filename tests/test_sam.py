@@ -570,3 +570,31 @@ def test_bf16_trajectory_close_to_float32_math():
         if "num_batches" in name:
             continue
         torch.testing.assert_close(y.float(), x, rtol=0.05, atol=0.02, msg=lambda m: f"{name}: {m}")
+
+
+def test_gradients_written_in_place_count_as_gradients():
+    """Code that writes gradients into the existing `.grad` (custom all-reduce, synthetic grads)
+    is not ignored although no backward ran."""
+    ref = make_cnn()
+    mine = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(p.shape, generator=g) for p in ref.parameters()] for _ in range(2)]
+    base = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    params = list(ref.parameters())
+    for p, gr in zip(params, grads[0]):
+        p.grad = gr.clone()
+    saved = reference_first_step(params, [(params, 0.05, False, 0.0)])
+    for p, gr in zip(params, grads[1]):
+        p.grad = gr.clone()
+    reference_second_step(saved, base)
+
+    opt = sharpness.SAM(mine.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, weight_decay=0.01)
+    opt.zero_grad()  # builds the buffers; every .grad is now a (zero) view
+    for p, gr in zip(mine.parameters(), grads[0]):
+        p.grad.copy_(gr)
+    opt.first_step()
+    for p, gr in zip(mine.parameters(), grads[1]):
+        p.grad.copy_(gr)
+    opt.second_step()
+    assert_models_close(ref, mine)
+    assert opt.stats["fused_steps"] == 1

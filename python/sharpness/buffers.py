@@ -110,35 +110,47 @@ class FlatBuffers:
 
     def sync(self) -> list[bool]:
         """Re-attaches any view that was replaced and returns, per parameter, whether it holds a
-        gradient in torch's sense (``p.grad is not None``)."""
+        gradient in torch's sense (``p.grad is not None``).
+
+        A view that no backward wrote since ``zero_grad()`` but that holds non-zero values was
+        written in place by other code; it counts as a gradient too, rather than being ignored.
+        """
         active = []
+        received = self.received
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                if p.data_ptr() != self.data_ptrs[i] or p.shape != self.weight_views[i].shape:
-                    if p.dtype != self.dtype or p.device != self.device or p.numel() != self.weight_views[i].numel():
-                        raise _LayoutChanged
-                    self.weight_views[i].copy_(p.data.reshape(self.weight_views[i].shape))
-                    p.data = self.weight_views[i]
-                    self.stats["rehomed_params"] += 1
+            for i, (p, grad_view, ptr) in enumerate(zip(self.params, self.grad_views, self.data_ptrs)):
+                if p.data_ptr() != ptr:
+                    self._rehome_param(i)
                 grad = p.grad
-                if grad is self.grad_views[i]:
-                    active.append(self.received[i])
+                if grad is grad_view:
+                    if not received[i] and bool(grad_view.any()):
+                        received[i] = True
+                    active.append(received[i])
                 elif grad is None:
-                    self.grad_views[i].zero_()
-                    p.grad = self.grad_views[i]
-                    self.received[i] = False
+                    grad_view.zero_()
+                    p.grad = grad_view
+                    received[i] = False
                     active.append(False)
                 else:
                     if grad.is_sparse:
                         raise RuntimeError(
                             "SAM does not support sparse gradients (use a dense embedding, sparse=False)"
                         )
-                    self.grad_views[i].copy_(grad)
-                    p.grad = self.grad_views[i]
-                    self.received[i] = True
+                    grad_view.copy_(grad)
+                    p.grad = grad_view
+                    received[i] = True
                     self.stats["regathered_grads"] += 1
                     active.append(True)
         return active
+
+    def _rehome_param(self, i: int) -> None:
+        """``p.data`` was rebound: copy the new values into the buffer and rebind to the view."""
+        p, view = self.params[i], self.weight_views[i]
+        if p.dtype != self.dtype or p.device != self.device or p.numel() != view.numel():
+            raise _LayoutChanged
+        view.copy_(p.data.reshape(view.shape))
+        p.data = view
+        self.stats["rehomed_params"] += 1
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Zeroes every gradient in one pass; ``set_to_none`` marks them as absent (torch's None)."""
