@@ -598,3 +598,16 @@ def test_gradients_written_in_place_count_as_gradients():
     opt.second_step()
     assert_models_close(ref, mine)
     assert opt.stats["fused_steps"] == 1
+
+
+def test_two_call_api_raises_no_scheduler_warning():
+    import warnings
+
+    model = make_cnn()
+    opt = sharpness.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in batches(2):
+            run_sharpness(model, opt, [(x, y)], api="two-call")
+            sched.step()

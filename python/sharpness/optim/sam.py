@@ -250,6 +250,10 @@ class SAM(torch.optim.Optimizer):
             self.base_optimizer.step()
             self.stats["base_steps"] += 1
         self.stats["steps"] += 1
+        # What an LR scheduler's wrapper of `step()` records: with the two-call API `step()` may
+        # never run, and the scheduler would warn that it steps before the optimizer.
+        self._opt_called = True
+        self.base_optimizer._opt_called = True  # type: ignore[attr-defined]
         if zero_grad:
             self.zero_grad()
 
