@@ -20,8 +20,9 @@ import sharpness
 # ---------------------------------------------------------------- reference written from the paper
 
 
-def reference_first_step(params, groups_cfg, active_only=True):
-    """Perturbs in place; returns the saved weights. groups_cfg: list of (params, rho, adaptive, eta)."""
+def reference_first_step(params, groups_cfg, maximize=False):
+    """Perturbs in place; returns the saved weights. groups_cfg: list of (params, rho, adaptive, eta).
+    With `maximize`, SAM runs on −L: the perturbation goes along −g."""
     with torch.no_grad():
         total = torch.zeros((), dtype=torch.float64)
         for ps, rho, adaptive, eta in groups_cfg:
@@ -33,7 +34,7 @@ def reference_first_step(params, groups_cfg, active_only=True):
         norm = math.sqrt(float(total))
         saved = {}
         for ps, rho, adaptive, eta in groups_cfg:
-            scale = rho / (norm + 1e-12)
+            scale = rho / (norm + 1e-12) * (-1.0 if maximize else 1.0)
             for p in ps:
                 if p.grad is None:
                     continue
@@ -89,7 +90,7 @@ def run_reference(model, base, data, rho, adaptive=False, eta=0.0, freeze_bn=Tru
     for x, y in data:
         base.zero_grad()
         loss_of(model, x, y).backward()
-        saved = reference_first_step(params, [(params, rho, adaptive, eta)])
+        saved = reference_first_step(params, [(params, rho, adaptive, eta)], base.param_groups[0].get("maximize", False))
         base.zero_grad()
         if freeze_bn:
             set_bn_tracking(model, False)
@@ -142,7 +143,7 @@ def assert_models_close(a, b, rtol=1e-5, atol=1e-6):
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     "sgd-nesterov": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
-    "sgd-dampening-maximize": (torch.optim.SGD, dict(lr=0.002, momentum=0.5, dampening=0.3, maximize=True)),
+    "sgd-dampening-maximize": (torch.optim.SGD, dict(lr=0.01, momentum=0.5, dampening=0.3, maximize=True)),
     "sgd-plain": (torch.optim.SGD, dict(lr=0.1)),
     "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
     "adam-amsgrad-l2": (torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-2, amsgrad=True)),

@@ -12,8 +12,13 @@ NORM_EPS = 1e-12
 
 
 def scale_of(group: dict[str, Any], norm: float) -> float:
-    """``ρ/(‖g‖ + ε)``: the factor that turns a gradient into the group's perturbation."""
-    return group["sam_rho"] / (norm + NORM_EPS)
+    """``ρ/(‖g‖ + ε)``: the factor that turns a gradient into the group's perturbation.
+
+    A group whose base optimizer maximizes (``maximize=True``) runs SAM on ``−L``: its worst
+    nearby point lies along ``−g``, so the factor changes sign.
+    """
+    scale = group["sam_rho"] / (norm + NORM_EPS)
+    return -scale if group.get("maximize", False) else scale
 
 
 def fused_kernel_kind(base: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> str | None:
