@@ -180,12 +180,13 @@ fn restore_adam_chunk<E: Element, const AMSGRAD: bool>(
             v.load()
         };
         let denom = second.sqrt() / k.bias_correction2_sqrt + k.eps;
-        w[i] = E::store(p + k.neg_step_size * (m.load() / denom));
+        // torch's `param.addcdiv_(exp_avg, denom, value=-step_size)` computes `(value·t1)/t2`.
+        w[i] = E::store(p + k.neg_step_size * m.load() / denom);
     }
 }
 
 /// Restores `w` from `backup` and applies one `torch.optim.Adam`/`AdamW` step with the gradient
-/// `grads`. `max_exp_avg_sqs` is used only with `amsgrad` (`None` otherwise).
+/// `grads`. `max_exp_avg_sqs` is required with `amsgrad` and ignored otherwise.
 pub fn restore_adam<E: Element>(
     weights: &mut [&mut [E]],
     backups: &[&[E]],
@@ -200,9 +201,14 @@ pub fn restore_adam<E: Element>(
     check_aligned(&lens, grads, "grads")?;
     check_aligned(&lens, exp_avgs, "exp_avgs")?;
     check_aligned(&lens, exp_avg_sqs, "exp_avg_sqs")?;
-    if let Some(max) = &max_exp_avg_sqs {
-        check_aligned(&lens, max, "max_exp_avg_sqs")?;
-    }
+    let max_exp_avg_sqs = match max_exp_avg_sqs {
+        Some(max) if hyper.amsgrad => {
+            check_aligned(&lens, max, "max_exp_avg_sqs")?;
+            Some(max)
+        }
+        None if hyper.amsgrad => return Err(KernelError::Missing { argument: "max_exp_avg_sqs" }),
+        _ => None,
+    };
     // Python-float arithmetic, as in torch's `_single_tensor_adam`.
     let bias_correction1 = 1.0 - hyper.beta1.powf(hyper.step);
     let bias_correction2 = 1.0 - hyper.beta2.powf(hyper.step);
@@ -469,7 +475,10 @@ mod tests {
         let bias_correction1 = 1.0 - h.beta1.powf(h.step);
         let bias_correction2 = 1.0 - h.beta2.powf(h.step);
         let step_size = h.lr / bias_correction1;
-        let bias_correction2_sqrt = bias_correction2.powf(0.5);
+        // Python writes `bias_correction2**0.5`. CPython's libm `pow(x, 0.5)` can be one ulp off
+        // `sqrt(x)` (e.g. beta2 = 0.999, step 1270 on glibc 2.36); LLVM folds `powf(x, 0.5)` into
+        // `sqrt` anyway, so the kernel and this reference both use the correctly rounded root.
+        let bias_correction2_sqrt = bias_correction2.sqrt();
         let (second, max_exp_avg_sq) = match s0.max_exp_avg_sq {
             Some(old) => {
                 // torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])
