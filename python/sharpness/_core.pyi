@@ -77,5 +77,9 @@ def restore_adam(
     ``decoupled=True``) with ``grads``. ``step`` is the step count after this step (from 1);
     ``max_exp_avg_sqs`` is given exactly when ``amsgrad`` is true."""
 
+def any_nonzero(tensors: Tensors) -> list[bool]:
+    """For each array, whether any element is non-zero (NaN counts, -0.0 does not); each scan
+    stops at the first non-zero block."""
+
 def num_threads() -> int:
     """Threads the kernels run on (rayon's pool; ``RAYON_NUM_THREADS`` sets it)."""

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sharpness import _core
+
 
 def as_numpy(t: Tensor) -> np.ndarray:
     """A numpy view of a contiguous CPU tensor; bfloat16 as its raw uint16 storage."""
@@ -115,22 +117,20 @@ class FlatBuffers:
         A view that no backward wrote since ``zero_grad()`` but that holds non-zero values was
         written in place by other code; it counts as a gradient too, rather than being ignored.
         """
-        active = []
         received = self.received
+        unknown = []  # views no backward wrote: zero, unless other code wrote them in place
         with torch.no_grad():
             for i, (p, grad_view, ptr) in enumerate(zip(self.params, self.grad_views, self.data_ptrs)):
                 if p.data_ptr() != ptr:
                     self._rehome_param(i)
                 grad = p.grad
                 if grad is grad_view:
-                    if not received[i] and bool(grad_view.any()):
-                        received[i] = True
-                    active.append(received[i])
+                    if not received[i]:
+                        unknown.append(i)
                 elif grad is None:
                     grad_view.zero_()
                     p.grad = grad_view
                     received[i] = False
-                    active.append(False)
                 else:
                     if grad.is_sparse:
                         raise RuntimeError(
@@ -140,8 +140,12 @@ class FlatBuffers:
                     p.grad = grad_view
                     received[i] = True
                     self.stats["regathered_grads"] += 1
-                    active.append(True)
-        return active
+        if unknown:
+            g, offsets = self.np_grads, self.offsets
+            written = _core.any_nonzero([g[offsets[i] : offsets[i + 1]] for i in unknown])
+            for i, nonzero in zip(unknown, written):
+                received[i] = nonzero
+        return list(received)
 
     def _rehome_param(self, i: int) -> None:
         """``p.data`` was rebound: copy the new values into the buffer and rebind to the view."""

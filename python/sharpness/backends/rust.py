@@ -117,18 +117,21 @@ class RustEngine:
         _core.restore(self.buffers.np_weights[lo:hi], self.buffers.np_backup[lo:hi])
 
     def _sgd_group(self, state: dict, group: dict[str, Any], p_lo: int, p_hi: int) -> None:
-        buf = self.buffers
+        buf, active = self.buffers, self.active
         momentum = group["momentum"]
-        if momentum != 0:
-            mom = buf.state_flat("momentum_buffer")
-            key_of = lambda i: (self.active[i], self.active[i] and buf.adopt_state(state, "momentum_buffer", i))  # noqa: E731
+        mom = buf.state_flat("momentum_buffer") if momentum != 0 else None
+        if all(active[p_lo:p_hi]) and (mom is None or self._state_is_ours(state, ["momentum_buffer"], p_lo, p_hi)):
+            runs = [((True, True), p_lo, p_hi)]  # the steady state: one kernel call for the group
+        elif mom is None:
+            runs = self._runs(p_lo, p_hi, lambda i: (active[i], True))
         else:
-            mom = None
-            key_of = lambda i: (self.active[i], True)  # noqa: E731
+            runs = self._runs(
+                p_lo, p_hi, lambda i: (active[i], active[i] and buf.adopt_state(state, "momentum_buffer", i))
+            )
         w, g, src, offs = buf.np_weights, buf.np_grads, buf.np_backup, buf.offsets
-        for (active, has_buffer), i0, i1 in self._runs(p_lo, p_hi, key_of):
+        for (is_active, has_buffer), i0, i1 in runs:
             lo, hi = offs[i0], offs[i1]
-            if not active:
+            if not is_active:
                 self._restore_only(lo, hi)
                 continue
             _core.restore_sgd(
@@ -148,15 +151,25 @@ class RustEngine:
                 for i in range(i0, i1):
                     state[buf.params[i]]["momentum_buffer"] = buf.state_views["momentum_buffer"][i]
 
+    def _state_is_ours(self, state: dict, names: list[str], p_lo: int, p_hi: int) -> bool:
+        """Whether every parameter's state entries ``names`` already are our views."""
+        params, views = self.buffers.params, [self.buffers.state_views[n] for n in names]
+        for i in range(p_lo, p_hi):
+            entry = state[params[i]]
+            for name, v in zip(names, views):
+                if entry.get(name) is not v[i]:
+                    return False
+        return True
+
     def _adam_group(self, state: dict, group: dict[str, Any], p_lo: int, p_hi: int) -> None:
-        buf = self.buffers
+        buf, active = self.buffers, self.active
         amsgrad = bool(group["amsgrad"])
         names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
         arrays = {n: buf.state_flat(n) for n in names}
         steps = buf.state_flat("step", dtype=adam_step_dtype(), per_param=True)
 
         def key_of(i: int):
-            if not self.active[i]:
+            if not active[i]:
                 return (False, None)
             if not buf.adopt_state(state, "step", i):
                 # torch.optim.Adam's lazy initialisation: zero moments, step 0.
@@ -171,11 +184,20 @@ class RustEngine:
                         state[buf.params[i]][n] = buf.state_views[n][i]
             return (True, float(steps[i]))
 
+        group_steps = steps[p_lo:p_hi]
+        if (
+            all(active[p_lo:p_hi])
+            and self._state_is_ours(state, ["step", *names], p_lo, p_hi)
+            and group_steps.min() == group_steps.max()
+        ):
+            runs = [((True, float(group_steps[0])), p_lo, p_hi)]  # the steady state
+        else:
+            runs = self._runs(p_lo, p_hi, key_of)
         w, g, src, offs = buf.np_weights, buf.np_grads, buf.np_backup, buf.offsets
         beta1, beta2 = group["betas"]
-        for (active, step), i0, i1 in self._runs(p_lo, p_hi, key_of):
+        for (is_active, _), i0, i1 in runs:
             lo, hi = offs[i0], offs[i1]
-            if not active:
+            if not is_active:
                 self._restore_only(lo, hi)
                 continue
             steps[i0:i1] += 1

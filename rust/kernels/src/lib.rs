@@ -14,11 +14,13 @@ pub mod element;
 pub mod norms;
 mod parallel;
 pub mod perturb;
+pub mod scan;
 pub mod steps;
 
 pub use element::{Element, Real};
 pub use norms::{sum_of_squares, sum_of_squares_adaptive};
 pub use perturb::{perturb, perturb_adaptive, restore};
+pub use scan::any_nonzero;
 pub use steps::{restore_adam, restore_sgd, AdamHyper, SgdHyper};
 
 /// Elements a work item covers (64 KiB of f32): large enough to amortise scheduling, small

@@ -203,6 +203,19 @@ fn restore_adam(
     })
 }
 
+/// For each array, whether any element is non-zero (NaN counts, -0.0 does not); stops at the
+/// first non-zero block of each array.
+#[pyfunction]
+fn any_nonzero(py: Python<'_>, tensors: &Bound<'_, PyAny>) -> PyResult<Vec<bool>> {
+    let mut call = Call::new(py);
+    let t = call.read("tensors", tensors)?;
+    call.finish()?;
+    dispatch!(call.dtype(), E, {
+        let t = call.slices::<E>(&t);
+        Ok(py.detach(|| t.iter().map(|x| k::any_nonzero::<E>(x)).collect()))
+    })
+}
+
 /// Number of threads the kernels run on (rayon's global pool; `RAYON_NUM_THREADS` sets it).
 #[pyfunction]
 fn num_threads() -> usize {
@@ -221,6 +234,7 @@ fn sharpness_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(restore, m)?)?;
     m.add_function(wrap_pyfunction!(restore_sgd, m)?)?;
     m.add_function(wrap_pyfunction!(restore_adam, m)?)?;
+    m.add_function(wrap_pyfunction!(any_nonzero, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     Ok(())
 }
