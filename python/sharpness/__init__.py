@@ -4,10 +4,13 @@
   for CPU tensors, foreach ops elsewhere.
 - :mod:`sharpness.numpy`: the same methods over lists of numpy arrays.
 - :func:`sharpness.frozen_running_stats`: keep BatchNorm statistics out of the second pass.
+- :func:`sharpness.param_groups`: groups without perturbation, adaptivity or decay for biases,
+  normalisation layers and embeddings, and per-name settings.
 """
 
 from sharpness._core import __version__
 from sharpness.batchnorm import disable_running_stats, enable_running_stats, frozen_running_stats
+from sharpness.groups import param_groups
 from sharpness.optim import SAM
 
 __all__ = [
@@ -16,4 +19,5 @@ __all__ = [
     "disable_running_stats",
     "enable_running_stats",
     "frozen_running_stats",
+    "param_groups",
 ]

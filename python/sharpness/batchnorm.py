@@ -2,43 +2,71 @@
 
 The second forward pass runs at the perturbed weights ``w + e``; letting it update BatchNorm's
 running mean and variance (and ``num_batches_tracked``) would count every batch twice, once at a
-point the model never takes. In training mode these helpers make BatchNorm layers normalise with
-the batch statistics, exactly as in training, without touching their buffers (they stop tracking
-running statistics for the duration, which is what ``F.batch_norm`` is told when it gets no
-running buffers). Layers in eval mode are left alone: they do not update their buffers anyway.
+point the model never takes. These helpers snapshot the running statistics of every BatchNorm
+layer before the second pass and copy them back after it: the pass itself normalises with batch
+statistics exactly as in training, and the statistics come back bit for bit.
+
+Nothing about the modules changes (no attribute is toggled), so a ``torch.compile``-d model sees
+the same module state in both passes and is not recompiled.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
-_SAVED = "_sharpness_track_running_stats"
+_SAVED = "_sharpness_saved_running_stats"
+# torch's own guard (torch >= 2.2); without it, run the backward inside the `with` block.
+_preserve_version = getattr(torch.autograd.grad_mode, "_unsafe_preserve_version_counter", None) or (
+    lambda tensor: contextlib.nullcontext()
+)
+_STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def _batchnorms(model: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            yield module
+
+
+@torch.no_grad()
 def disable_running_stats(model: nn.Module) -> None:
-    """Stops every BatchNorm layer of ``model`` in training mode from updating its running
-    statistics (until :func:`enable_running_stats`)."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and not hasattr(module, _SAVED):
-            setattr(module, _SAVED, module.track_running_stats)
-            module.track_running_stats = False
+    """Saves the running statistics of every BatchNorm layer of ``model``; the next
+    :func:`enable_running_stats` puts them back, undoing whatever the forward passes in between
+    did to them."""
+    for module in _batchnorms(model):
+        if not hasattr(module, _SAVED):
+            saved = {n: getattr(module, n).clone() for n in _STAT_NAMES if getattr(module, n, None) is not None}
+            setattr(module, _SAVED, saved)
 
 
+@torch.no_grad()
 def enable_running_stats(model: nn.Module) -> None:
-    """Undoes :func:`disable_running_stats`."""
+    """Restores the statistics saved by :func:`disable_running_stats`, bit for bit.
+
+    The values are copied back into the same tensors (whoever holds them, DDP's buffer
+    broadcast for one, keeps seeing them) without bumping their autograd version: a backward
+    pass that runs after the ``with`` block (the usual closure: forward inside, backward after)
+    still finds the graph it saved. Training-mode BatchNorm's backward does not read the running
+    statistics, so this is exact.
+    """
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and hasattr(module, _SAVED):
-            module.track_running_stats = getattr(module, _SAVED)
-            delattr(module, _SAVED)
+        saved = module.__dict__.pop(_SAVED, None)
+        if saved is not None:
+            for name, value in saved.items():
+                target = getattr(module, name)
+                with _preserve_version(target):
+                    target.copy_(value)
 
 
 @contextmanager
 def frozen_running_stats(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager for SAM's second forward pass: BatchNorm layers normalise with batch
-    statistics but leave their running statistics untouched.
+    statistics as in training, and their running statistics are the same afterwards.
 
     Example:
         >>> import torch, sharpness

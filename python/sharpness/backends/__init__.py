@@ -6,7 +6,8 @@ so the optimizers in :mod:`sharpness.optim` never look at devices:
 - ``begin()``: take stock of which parameters hold a gradient (torch's ``grad is not None``);
 - ``sum_of_squares(groups)``: ``Σ g²`` (``Σ ((|w|+η)g)²`` for adaptive groups) as a float;
 - ``perturb(groups, norm)``: save what exact restoration needs, then ``w ← w + e`` with
-  ``e = ρ·g/(norm+ε)`` (``ρ·T²g/(norm+ε)`` for adaptive groups);
+  ``e = ρ·g/(norm+ε)`` (``ρ·T²g/(norm+ε)`` for adaptive groups). Groups with ``ρ = 0`` are
+  outside the perturbation: they count in neither the norm nor ``e``;
 - ``restore()``: ``w ←`` the saved weights, bit for bit;
 - ``can_fuse(base, groups)`` / ``restore_and_step(base, groups)``: the restoration fused with
   the base optimizer's step, where the engine has a kernel for that optimizer;

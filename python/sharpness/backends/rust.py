@@ -56,6 +56,8 @@ class RustEngine:
         total = 0.0
         for gi, _, _, lo, hi in self.group_slices:
             group = groups[gi]
+            if group["sam_rho"] == 0:
+                continue  # outside the perturbation: neither in the norm nor perturbed
             if group["sam_adaptive"]:
                 total += _core.sum_of_squares_adaptive(w[lo:hi], g[lo:hi], float(group["sam_eta"]))
             else:
@@ -68,6 +70,9 @@ class RustEngine:
         w, g, b = self.buffers.np_weights, self.buffers.np_grads, self.buffers.backups()
         for gi, _, _, lo, hi in self.group_slices:
             group = groups[gi]
+            if group["sam_rho"] == 0:
+                _core.restore(b[lo:hi], w[lo:hi])  # only the backup the fused step reads
+                continue
             scale = scale_of(group, norm)
             if group["sam_adaptive"]:
                 _core.perturb_adaptive(w[lo:hi], g[lo:hi], b[lo:hi], scale, float(group["sam_eta"]))

@@ -70,6 +70,8 @@ class TorchEngine:
         with torch.no_grad():
             for gi, indices in self.by_group.items():
                 group = groups[gi]
+                if group["sam_rho"] == 0:
+                    continue  # outside the perturbation: neither in the norm nor perturbed
                 weights, grads = self._lists(indices)
                 if group["sam_adaptive"]:
                     grads = torch._foreach_mul(self._adaptive_factor(weights, float(group["sam_eta"])), grads)
@@ -82,6 +84,8 @@ class TorchEngine:
         with torch.no_grad():
             for gi, indices in self.by_group.items():
                 group = groups[gi]
+                if group["sam_rho"] == 0:
+                    continue
                 weights, grads = self._lists(indices)
                 backups = [self._backup(i) for i in indices]
                 torch._foreach_copy_(backups, weights)

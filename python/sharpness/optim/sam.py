@@ -16,10 +16,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.profiler import record_function
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from sharpness.backends.rust import RustEngine
 from sharpness.backends.torch_foreach import TorchEngine
@@ -71,6 +74,13 @@ class SAM(torch.optim.Optimizer):
         eta: ASAM's ``η`` (0.01 in the paper; 0 gives the widely copied form).
         backend: ``"auto"`` (native kernels for CPU tensors, foreach ops elsewhere), ``"rust"``
             (native kernels; CPU tensors only) or ``"torch"`` (foreach ops everywhere).
+        same_noise: with ``step(closure)``, replay the random state of the first forward pass in
+            the second, so dropout (and any other randomness in the model) is the same at ``w`` and
+            at ``w + e``: ``e`` is then computed for, and the gradient taken on, the same
+            sub-network, and ``rho=0`` reproduces the base optimizer bit for bit even with dropout.
+            After the step the random state is where the first pass left it. ``False`` draws
+            fresh noise for the second pass, as the usual ``sam.py`` script does.
+        seed: seed of the optimizer's own ``generator`` (default: ``torch.initial_seed()``).
         **base_kwargs: passed to ``base_optimizer`` when it is a class (``lr``, ``momentum`` ...).
 
     Example:
@@ -94,6 +104,8 @@ class SAM(torch.optim.Optimizer):
         adaptive: bool = False,
         eta: float = 0.01,
         backend: str = "auto",
+        same_noise: bool = True,
+        seed: int | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not (rho >= 0.0 and math.isfinite(rho)):
@@ -124,9 +136,16 @@ class SAM(torch.optim.Optimizer):
         self._link_base()
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = backend
+        self.same_noise = bool(same_noise)
+        # Randomness the optimizer itself draws (ESAM, RSAM, SSAM ...) comes from here, never from
+        # torch's global generator, and is saved in state_dict(). Seeding from torch's initial
+        # seed consumes nothing from the global stream.
+        self.generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
         self.stats: Counter = Counter()
         self._engines: list[RustEngine | TorchEngine] | None = None
         self._pending: str | None = None  # None, "perturbed" or "skipped"
+        self._in_step = False
+        self.last_grad_norm = float("nan")
         if backend == "rust":
             for group in self.param_groups:
                 for p in group["params"]:
@@ -135,6 +154,9 @@ class SAM(torch.optim.Optimizer):
                             f'backend="rust" runs on CPU tensors of {[str(d) for d in _RUST_DTYPES]}; '
                             f"got a {p.dtype} parameter on {p.device} (use backend='auto' or 'torch')"
                         )
+        # Re-home the parameters now, once, so that a model compiled after this sees its final
+        # storage (rebinding later would make torch.compile guard-fail and recompile).
+        self.engines()
 
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
@@ -205,31 +227,52 @@ class SAM(torch.optim.Optimizer):
         else:  # during torch.optim.Optimizer.__init__
             super().add_param_group(param_group)
 
+    # -- step hooks, as torch.optim.Optimizer runs them around step() -----------------------------
+
+    def _pre_hooks(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"a step pre-hook must return None or (args, kwargs), got {result!r}")
+                args, kwargs = result
+        return args, kwargs
+
+    def _post_hooks(self, args: tuple, kwargs: dict) -> None:
+        self._optimizer_step_code()
+        for hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
+            hook(self, args, kwargs)
+
     # -- the two halves of a SAM step ---------------------------------------------------------
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Moves the weights to ``w + e`` using the gradients now in ``p.grad``.
 
-        A non-finite gradient norm (an overflowing loss scale, a NaN) applies no perturbation:
-        the weights stay as they are, ``stats["nonfinite_skips"]`` counts it, and
-        :meth:`second_step` then does exactly what the base optimizer does with the gradients
-        it is given (a GradScaler then skips the step as usual).
+        Step pre-hooks run here (a SAM step starts with it) and post-hooks at the end of
+        :meth:`second_step`, so each fires once per SAM step. A non-finite gradient norm (an
+        overflowing loss scale, a NaN) applies no perturbation: the weights stay as they are,
+        ``stats["nonfinite_skips"]`` counts it, and :meth:`second_step` then does exactly what
+        the base optimizer does with the gradients it is given (a GradScaler then skips the step
+        as usual).
         """
         if self._pending is not None:
             raise RuntimeError("first_step() was called twice without second_step() in between; " + _HOW_TO_CALL)
-        engines = self._begin()
-        norm = math.sqrt(sum(engine.sum_of_squares(self.param_groups) for engine in engines))
-        if math.isfinite(norm):
-            for engine in engines:
-                engine.perturb(self.param_groups, norm)
-            self._pending = "perturbed"
-        else:
-            self.stats["nonfinite_skips"] += 1
-            self._pending = "skipped"
-        self.last_grad_norm = norm
-        if zero_grad:
-            self.zero_grad()
+        if not self._in_step:
+            self._pre_hooks((), {"zero_grad": zero_grad})
+        with record_function("SAM.first_step"):
+            engines = self._begin()
+            norm = math.sqrt(sum(engine.sum_of_squares(self.param_groups) for engine in engines))
+            if math.isfinite(norm):
+                for engine in engines:
+                    engine.perturb(self.param_groups, norm)
+                self._pending = "perturbed"
+            else:
+                self.stats["nonfinite_skips"] += 1
+                self._pending = "skipped"
+            self.last_grad_norm = norm
+            if zero_grad:
+                self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -237,47 +280,160 @@ class SAM(torch.optim.Optimizer):
         the gradients now in ``p.grad`` (taken at ``w + e``)."""
         if self._pending is None:
             raise RuntimeError("second_step() needs a first_step() before it; " + _HOW_TO_CALL)
-        pending, self._pending = self._pending, None
-        engines = self.engines()
-        if pending == "perturbed" and all(e.can_fuse(self.base_optimizer, self.param_groups) for e in engines):
-            for engine in engines:
-                engine.restore_and_step(self.base_optimizer, self.param_groups)
-        else:
-            for engine in engines:
-                engine.restore()
-            for engine in engines:
-                engine.begin()  # re-attach any gradient view replaced since first_step
-            self.base_optimizer.step()
-            self.stats["base_steps"] += 1
-        self.stats["steps"] += 1
-        # What an LR scheduler's wrapper of `step()` records: with the two-call API `step()` may
-        # never run, and the scheduler would warn that it steps before the optimizer.
-        self._opt_called = True
-        self.base_optimizer._opt_called = True  # type: ignore[attr-defined]
-        if zero_grad:
-            self.zero_grad()
+        with record_function("SAM.second_step"):
+            pending, self._pending = self._pending, None
+            engines = self.engines()
+            if pending == "perturbed" and all(e.can_fuse(self.base_optimizer, self.param_groups) for e in engines):
+                for engine in engines:
+                    engine.restore_and_step(self.base_optimizer, self.param_groups)
+            else:
+                for engine in engines:
+                    engine.restore()
+                for engine in engines:
+                    engine.begin()  # re-attach any gradient view replaced since first_step
+                self.base_optimizer.step()
+                self.stats["base_steps"] += 1
+            self.stats["steps"] += 1
+            # What an LR scheduler's wrapper of `step()` records: with the two-call API `step()`
+            # may never run, and the scheduler would warn that it steps before the optimizer.
+            self._opt_called = True
+            self.base_optimizer._opt_called = True  # type: ignore[attr-defined]
+            if zero_grad:
+                self.zero_grad()
+        if not self._in_step:
+            self._post_hooks((), {"zero_grad": zero_grad})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """A whole SAM step with a closure, or the second half after :meth:`first_step`.
 
         ``closure`` zeroes the gradients, runs the forward and backward passes and returns the
-        loss; it is called at ``w`` and again at ``w + e``. Returns the loss of the first call.
-        Without a closure, ``step()`` completes a pending :meth:`first_step` (what trainers that
-        call ``optimizer.step()`` themselves need) and raises otherwise.
+        loss; it is called at ``w`` and again at ``w + e`` (with the first call's random state
+        when ``same_noise``). Returns the loss of the first call. Without a closure, ``step()``
+        completes a pending :meth:`first_step` (what trainers that call ``optimizer.step()``
+        themselves need) and raises otherwise.
         """
         if closure is None:
             if self._pending is None:
                 raise RuntimeError("step() without a closure needs a first_step() before it; " + _HOW_TO_CALL)
-            self.second_step()
+            self.second_step()  # the pre-hooks ran in first_step, the post-hooks run here
             return None
-        with torch.enable_grad():
-            loss = closure()
-        self.first_step()
-        with torch.enable_grad():
-            closure()
-        self.second_step()
+        with record_function(f"Optimizer.step#{type(self).__name__}.step"):
+            args, kwargs = self._pre_hooks((closure,), {})
+            closure = args[0] if args else kwargs.get("closure", closure)
+            self._in_step = True
+            try:
+                noise = _RandomState.capture(self._devices()) if self.same_noise else None
+                with torch.enable_grad():
+                    loss = closure()
+                self.first_step()
+                if noise is not None:
+                    after_first = _RandomState.capture(self._devices())
+                    noise.restore()
+                try:
+                    with torch.enable_grad():
+                        closure()
+                except BaseException:
+                    self.restore()  # never leave the weights perturbed behind an exception
+                    raise
+                finally:
+                    if noise is not None:
+                        after_first.restore()
+                self.second_step()
+            finally:
+                self._in_step = False
+            self._post_hooks(args, kwargs)
         return loss
+
+    # torch.optim.Optimizer wraps `step` with its hooks unless it is marked: SAM runs them itself,
+    # once per SAM step whichever API is used.
+    step.hooked = True  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def restore(self) -> bool:
+        """Undoes a pending :meth:`first_step`: the weights go back to ``w`` bit for bit and no
+        base step is taken. For a ``KeyboardInterrupt`` or an exception between the two halves
+        (``step(closure)`` does it itself). Returns whether there was something to undo."""
+        pending, self._pending = self._pending, None
+        if pending == "perturbed":
+            for engine in self.engines():
+                engine.restore()
+        return pending is not None
+
+    def _devices(self) -> set[torch.device]:
+        return {p.device for group in self.param_groups for p in group["params"]}
+
+    # -- what a step costs and what it loses ------------------------------------------------------
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Memory SAM holds beyond the model and the base optimizer: ``backup`` (one copy of the
+        perturbed weights, for exact restoration) and ``flat_buffers`` (the contiguous tensors the
+        parameters, gradients and state live in: they replace the parameters' own storage, so they
+        add nothing once the old storage is freed). ``base_state`` is the base optimizer's state."""
+        backup = buffers = 0
+        for engine in self.engines():
+            if isinstance(engine, RustEngine):
+                b = engine.buffers
+                backup += 0 if b.backup is None else b.backup.numel() * b.backup.element_size()
+                buffers += sum(t.numel() * t.element_size() for t in (b.weights, b.grads, *b.state_buffers.values()))
+            else:
+                backup += sum(t.numel() * t.element_size() for t in engine.backups.values())
+        storages = {}
+        for entry in self.state.values():
+            for value in entry.values():
+                if isinstance(value, Tensor):
+                    storage = value.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return {"backup": backup, "flat_buffers": buffers, "base_state": sum(storages.values())}
+
+    @torch.no_grad()
+    def perturbation_report(self) -> dict[str, float]:
+        """How much of the intended perturbation ``e`` the weights actually received.
+
+        Call it between :meth:`first_step` and :meth:`second_step`. In bfloat16 or float16 a
+        component of ``e`` smaller than half an ulp of its weight rounds away: ``w + e == w``.
+        Returns ``intended_norm`` (‖e‖ as computed in float64), ``realized_norm`` (‖stored(w+e) −
+        w‖), ``relative_error`` (‖realized − intended‖/‖intended‖) and ``lost_fraction`` (the
+        share of the non-zero components of ``e`` that left their weight unchanged). The policy
+        this supports: keep float32 (master) parameters and use autocast for low precision
+        compute; when the parameters themselves are 16-bit, check that ``relative_error`` is small
+        for your ρ.
+        """
+        if self._pending != "perturbed":
+            raise RuntimeError("perturbation_report() needs a pending first_step() with a perturbation")
+        intended_sq = realized_sq = error_sq = 0.0
+        nonzero = lost = 0
+        for weights, backup, grads, group in self._perturbed_tensors():
+            scale = group["sam_rho"] / (self.last_grad_norm + 1e-12) * (-1.0 if group.get("maximize") else 1.0)
+            w0 = backup.double()
+            e = grads.double() * scale
+            if group["sam_adaptive"]:
+                e = e * (w0.abs() + group["sam_eta"]) ** 2
+            realized = weights.double() - w0
+            intended_sq += float((e * e).sum())
+            realized_sq += float((realized * realized).sum())
+            error_sq += float(((realized - e) ** 2).sum())
+            mask = e != 0
+            nonzero += int(mask.sum())
+            lost += int((mask & (realized == 0)).sum())
+        return {
+            "intended_norm": math.sqrt(intended_sq),
+            "realized_norm": math.sqrt(realized_sq),
+            "relative_error": math.sqrt(error_sq / intended_sq) if intended_sq > 0 else 0.0,
+            "lost_fraction": lost / nonzero if nonzero else 0.0,
+        }
+
+    def _perturbed_tensors(self) -> Iterable[tuple[Tensor, Tensor, Tensor, dict[str, Any]]]:
+        for engine in self.engines():
+            if isinstance(engine, RustEngine):
+                b = engine.buffers
+                for gi, _, _, lo, hi in engine.group_slices:
+                    if self.param_groups[gi]["sam_rho"] != 0:
+                        yield b.weights[lo:hi], b.backup[lo:hi], b.grads[lo:hi], self.param_groups[gi]
+            else:
+                for i in engine.perturbed:
+                    p = engine.params[i]
+                    yield p.detach(), engine.backups[i], p.grad, self.param_groups[engine.group_of[i]]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradients. Gradients in flat buffers stay views of them (one memset);
@@ -297,7 +453,7 @@ class SAM(torch.optim.Optimizer):
                 "and the checkpoint would not resume exactly; take it after second_step()"
             )
         sd = self.base_optimizer.state_dict()
-        sd["sam"] = {"stats": dict(self.stats)}
+        sd["sam"] = {"stats": dict(self.stats), "generator": self.generator.get_state()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -314,6 +470,32 @@ class SAM(torch.optim.Optimizer):
         # the flat buffers on the next step.
         self.stats.clear()
         self.stats.update(sam.get("stats", {}))
+        if "generator" in sam:
+            self.generator.set_state(sam["generator"])
 
     def __repr__(self) -> str:
         return f"SAM(backend={self.backend!r}, base={self.base_optimizer!r})"
+
+
+class _RandomState:
+    """torch's random state on the CPU and on the CUDA devices in use, to replay a forward pass's
+    noise (as torch.utils.checkpoint does)."""
+
+    def __init__(self, cpu: Tensor, cuda: dict[int, Tensor]) -> None:
+        self.cpu = cpu
+        self.cuda = cuda
+
+    @classmethod
+    def capture(cls, devices: set[torch.device]) -> _RandomState:
+        cuda = {}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for d in devices:
+                if d.type == "cuda":
+                    index = torch.cuda.current_device() if d.index is None else d.index
+                    cuda[index] = torch.cuda.get_rng_state(index)
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for index, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, index)
