@@ -37,7 +37,7 @@ def restore(weights: Tensors, backups: Tensors) -> None:
 
 def restore_sgd(
     weights: Tensors,
-    backups: Tensors,
+    backups: Tensors | None,
     grads: Tensors,
     momentum_buffers: Tensors | None,
     *,
@@ -49,7 +49,8 @@ def restore_sgd(
     maximize: bool = False,
     init_momentum: bool = False,
 ) -> None:
-    """Restore ``weights`` from ``backups``, then one ``torch.optim.SGD`` step with ``grads``.
+    """Restore ``weights`` from ``backups``, then one ``torch.optim.SGD`` step with ``grads``
+    (``backups=None``: a plain step in place, for steps without a perturbation).
 
     ``momentum_buffers`` is required when ``momentum != 0``; ``init_momentum`` says the buffers do
     not exist yet (torch then starts them as the first update direction).
@@ -57,7 +58,7 @@ def restore_sgd(
 
 def restore_adam(
     weights: Tensors,
-    backups: Tensors,
+    backups: Tensors | None,
     grads: Tensors,
     exp_avgs: Tensors,
     exp_avg_sqs: Tensors,
@@ -74,8 +75,14 @@ def restore_adam(
     maximize: bool = False,
 ) -> None:
     """Restore ``weights`` from ``backups``, then one ``torch.optim.Adam`` step (``AdamW`` with
-    ``decoupled=True``) with ``grads``. ``step`` is the step count after this step (from 1);
+    ``decoupled=True``) with ``grads`` (``backups=None``: a plain step in place). ``step`` is the step count after this step (from 1);
     ``max_exp_avg_sqs`` is given exactly when ``amsgrad`` is true."""
+
+def dot(a: Tensors, b: Tensors) -> float:
+    """Σ a·b over every element, accumulated in float64."""
+
+def axpby(x: Tensors, y: Tensors, alpha: float, beta: float) -> None:
+    """``y ← alpha·x + beta·y`` (computed in float32 for 16-bit types, rounded once)."""
 
 def any_nonzero(tensors: Tensors) -> list[bool]:
     """For each array, whether any element is non-zero (NaN counts, -0.0 does not); each scan

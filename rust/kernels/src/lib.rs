@@ -10,6 +10,7 @@
 //! and calls these functions with the GIL released. Inputs whose lengths do not line up are
 //! reported as [`KernelError`]s, never as panics.
 
+pub mod blas;
 pub mod element;
 pub mod norms;
 mod parallel;
@@ -17,11 +18,12 @@ pub mod perturb;
 pub mod scan;
 pub mod steps;
 
+pub use blas::{axpby, dot};
 pub use element::{Element, Real};
 pub use norms::{sum_of_squares, sum_of_squares_adaptive};
 pub use perturb::{perturb, perturb_adaptive, restore};
 pub use scan::any_nonzero;
-pub use steps::{restore_adam, restore_sgd, AdamHyper, SgdHyper};
+pub use steps::{adam_step, restore_adam, restore_sgd, sgd_step, AdamHyper, SgdHyper};
 
 /// Elements a work item covers (64 KiB of f32): large enough to amortise scheduling, small
 /// enough to balance two to a few dozen threads.

@@ -51,13 +51,22 @@ struct SgdScalars<M> {
     init: bool,
 }
 
+/// One SGD step over a chunk; the weights are read from `backup` (after a perturbation) or, with
+/// `IN_PLACE`, from `w` itself (a plain step; `backup` is then empty).
 #[multiversion(targets = "simd")]
-fn restore_sgd_chunk<E: Element, const MOMENTUM: bool>(w: &mut [E], backup: &[E], g: &[E], buf: &mut [E], k: SgdScalars<E::Math>) {
+fn restore_sgd_chunk<E: Element, const MOMENTUM: bool, const IN_PLACE: bool>(
+    w: &mut [E],
+    backup: &[E],
+    g: &[E],
+    buf: &mut [E],
+    k: SgdScalars<E::Math>,
+) {
     let n = w.len();
-    let (backup, g) = (&backup[..n], &g[..n]);
+    let g = &g[..n];
+    let backup = if IN_PLACE { backup } else { &backup[..n] };
     let buf = if MOMENTUM { &mut buf[..n] } else { buf };
     for i in 0..n {
-        let p = backup[i].load();
+        let p = if IN_PLACE { w[i].load() } else { backup[i].load() };
         let g = g[i];
         let mut d = if k.maximize { -g.load() } else { g.load() };
         if k.use_weight_decay {
@@ -85,8 +94,31 @@ pub fn restore_sgd<E: Element>(
     momentum_buffers: Option<&mut [&mut [E]]>,
     hyper: SgdHyper,
 ) -> Result<(), KernelError> {
+    sgd(weights, Some(backups), grads, momentum_buffers, hyper)
+}
+
+/// One `torch.optim.SGD` step in place (no perturbation to undo): the steps of SAM variants that
+/// skip the second pass.
+pub fn sgd_step<E: Element>(
+    weights: &mut [&mut [E]],
+    grads: &[&[E]],
+    momentum_buffers: Option<&mut [&mut [E]]>,
+    hyper: SgdHyper,
+) -> Result<(), KernelError> {
+    sgd(weights, None, grads, momentum_buffers, hyper)
+}
+
+fn sgd<E: Element>(
+    weights: &mut [&mut [E]],
+    backups: Option<&[&[E]]>,
+    grads: &[&[E]],
+    momentum_buffers: Option<&mut [&mut [E]]>,
+    hyper: SgdHyper,
+) -> Result<(), KernelError> {
     let lens = lengths(weights);
-    check_aligned(&lens, backups, "backups")?;
+    if let Some(b) = backups {
+        check_aligned(&lens, b, "backups")?;
+    }
     check_aligned(&lens, grads, "grads")?;
     let buffers = match momentum_buffers {
         Some(b) if hyper.momentum != 0.0 => {
@@ -108,13 +140,27 @@ pub fn restore_sgd<E: Element>(
         init: hyper.init_momentum,
     };
     let total = lens.iter().sum();
-    let head: Vec<_> = chunks_mut(weights).zip(chunks(backups)).zip(chunks(grads)).collect();
-    match buffers {
-        Some(b) => {
-            let items: Vec<_> = head.into_iter().zip(chunks_mut(b)).collect();
-            for_each(items, total, |(((w, p), g), b)| restore_sgd_chunk::<E, true>(w, p, g, b, k));
+    match backups {
+        Some(backups) => {
+            let head: Vec<_> = chunks_mut(weights).zip(chunks(backups)).zip(chunks(grads)).collect();
+            match buffers {
+                Some(b) => {
+                    let items: Vec<_> = head.into_iter().zip(chunks_mut(b)).collect();
+                    for_each(items, total, |(((w, p), g), b)| restore_sgd_chunk::<E, true, false>(w, p, g, b, k));
+                }
+                None => for_each(head, total, |((w, p), g)| restore_sgd_chunk::<E, false, false>(w, p, g, &mut [], k)),
+            }
         }
-        None => for_each(head, total, |((w, p), g)| restore_sgd_chunk::<E, false>(w, p, g, &mut [], k)),
+        None => {
+            let head: Vec<_> = chunks_mut(weights).zip(chunks(grads)).collect();
+            match buffers {
+                Some(b) => {
+                    let items: Vec<_> = head.into_iter().zip(chunks_mut(b)).collect();
+                    for_each(items, total, |((w, g), b)| restore_sgd_chunk::<E, true, true>(w, &[], g, b, k));
+                }
+                None => for_each(head, total, |(w, g)| restore_sgd_chunk::<E, false, true>(w, &[], g, &mut [], k)),
+            }
+        }
     }
     Ok(())
 }
@@ -145,8 +191,9 @@ fn lerp<M: Real>(start: M, end: M, weight: M) -> M {
     }
 }
 
+/// One Adam step over a chunk; the weights are read from `backup` or, with `IN_PLACE`, from `w`.
 #[multiversion(targets = "simd")]
-fn restore_adam_chunk<E: Element, const AMSGRAD: bool>(
+fn restore_adam_chunk<E: Element, const AMSGRAD: bool, const IN_PLACE: bool>(
     w: &mut [E],
     backup: &[E],
     g: &[E],
@@ -157,10 +204,11 @@ fn restore_adam_chunk<E: Element, const AMSGRAD: bool>(
 ) {
     // Re-slicing to one length lets the compiler drop the bounds checks.
     let n = w.len();
-    let (backup, g, exp_avg, exp_avg_sq) = (&backup[..n], &g[..n], &mut exp_avg[..n], &mut exp_avg_sq[..n]);
+    let (g, exp_avg, exp_avg_sq) = (&g[..n], &mut exp_avg[..n], &mut exp_avg_sq[..n]);
+    let backup = if IN_PLACE { backup } else { &backup[..n] };
     let max_exp_avg_sq = if AMSGRAD { &mut max_exp_avg_sq[..n] } else { max_exp_avg_sq };
     for i in 0..n {
-        let mut p = backup[i].load();
+        let mut p = if IN_PLACE { w[i].load() } else { backup[i].load() };
         let mut grad = if k.maximize { -g[i].load() } else { g[i].load() };
         if k.decoupled_decay {
             // torch multiplies the parameter in place, so the product is rounded to storage.
@@ -196,8 +244,34 @@ pub fn restore_adam<E: Element>(
     max_exp_avg_sqs: Option<&mut [&mut [E]]>,
     hyper: AdamHyper,
 ) -> Result<(), KernelError> {
+    adam(weights, Some(backups), grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper)
+}
+
+/// One `torch.optim.Adam`/`AdamW` step in place (no perturbation to undo).
+pub fn adam_step<E: Element>(
+    weights: &mut [&mut [E]],
+    grads: &[&[E]],
+    exp_avgs: &mut [&mut [E]],
+    exp_avg_sqs: &mut [&mut [E]],
+    max_exp_avg_sqs: Option<&mut [&mut [E]]>,
+    hyper: AdamHyper,
+) -> Result<(), KernelError> {
+    adam(weights, None, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper)
+}
+
+fn adam<E: Element>(
+    weights: &mut [&mut [E]],
+    backups: Option<&[&[E]]>,
+    grads: &[&[E]],
+    exp_avgs: &mut [&mut [E]],
+    exp_avg_sqs: &mut [&mut [E]],
+    max_exp_avg_sqs: Option<&mut [&mut [E]]>,
+    hyper: AdamHyper,
+) -> Result<(), KernelError> {
     let lens = lengths(weights);
-    check_aligned(&lens, backups, "backups")?;
+    if let Some(b) = backups {
+        check_aligned(&lens, b, "backups")?;
+    }
     check_aligned(&lens, grads, "grads")?;
     check_aligned(&lens, exp_avgs, "exp_avgs")?;
     check_aligned(&lens, exp_avg_sqs, "exp_avg_sqs")?;
@@ -227,14 +301,27 @@ pub fn restore_adam<E: Element>(
         maximize: hyper.maximize,
     };
     let total = lens.iter().sum();
-    let head: Vec<_> = chunks_mut(weights).zip(chunks(backups)).zip(chunks(grads)).zip(chunks_mut(exp_avgs)).zip(chunks_mut(exp_avg_sqs)).collect();
-    match max_exp_avg_sqs {
-        Some(max) => {
+    // Without a backup, every chunk gets an empty (unread) backup slice.
+    let sources: Vec<&[E]> = match backups {
+        Some(b) => chunks(b).collect(),
+        None => vec![&[][..]; lens.iter().map(|l| l.div_ceil(crate::CHUNK)).sum()],
+    };
+    let head: Vec<_> = chunks_mut(weights).zip(sources).zip(chunks(grads)).zip(chunks_mut(exp_avgs)).zip(chunks_mut(exp_avg_sqs)).collect();
+    let in_place = backups.is_none();
+    match (max_exp_avg_sqs, in_place) {
+        (Some(max), false) => {
             let items: Vec<_> = head.into_iter().zip(chunks_mut(max)).collect();
-            for_each(items, total, |(((((w, p), g), m1), m2), vmax)| restore_adam_chunk::<E, true>(w, p, g, m1, m2, vmax, k));
+            for_each(items, total, |(((((w, p), g), m1), m2), vmax)| restore_adam_chunk::<E, true, false>(w, p, g, m1, m2, vmax, k));
         }
-        None => {
-            for_each(head, total, |((((w, p), g), m1), m2)| restore_adam_chunk::<E, false>(w, p, g, m1, m2, &mut [], k));
+        (Some(max), true) => {
+            let items: Vec<_> = head.into_iter().zip(chunks_mut(max)).collect();
+            for_each(items, total, |(((((w, p), g), m1), m2), vmax)| restore_adam_chunk::<E, true, true>(w, p, g, m1, m2, vmax, k));
+        }
+        (None, false) => {
+            for_each(head, total, |((((w, p), g), m1), m2)| restore_adam_chunk::<E, false, false>(w, p, g, m1, m2, &mut [], k));
+        }
+        (None, true) => {
+            for_each(head, total, |((((w, p), g), m1), m2)| restore_adam_chunk::<E, false, true>(w, p, g, m1, m2, &mut [], k));
         }
     }
     Ok(())
@@ -876,5 +963,42 @@ mod tests {
         let (mut w2, mut m2, mut v2) = ([7.0f32; 4], [0.0f32; 4], [0.0f32; 4]);
         restore_adam::<f32>(&mut [&mut w2], &[&backup], &[&g], &mut [&mut m2], &mut [&mut v2], None, ADAM).unwrap();
         assert_eq!((w, m, v), (w2, m2, v2));
+    }
+}
+
+#[cfg(test)]
+mod in_place_tests {
+    //! The in-place steps are the fused steps with the backup equal to the weights.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn in_place_equals_restore_from_a_copy(
+            w0 in prop::collection::vec(-10f32..10.0, 0..(3 * crate::CHUNK + 5)),
+            momentum in prop::sample::select(vec![0.0, 0.9]),
+            amsgrad in any::<bool>(),
+            decoupled in any::<bool>(),
+        ) {
+            let g: Vec<f32> = w0.iter().map(|x| (x * 1.7).sin()).collect();
+            let sgd = SgdHyper { lr: 0.1, momentum, dampening: 0.1, weight_decay: 0.01, nesterov: false, maximize: false, init_momentum: false };
+            let (mut a, mut b) = (vec![0.0f32; w0.len()], w0.clone());
+            let (mut ba, mut bb) = (vec![0.5f32; w0.len()], vec![0.5f32; w0.len()]);
+            restore_sgd::<f32>(&mut [&mut a], &[&w0], &[&g], Some(&mut [&mut ba]), sgd).unwrap();
+            sgd_step::<f32>(&mut [&mut b], &[&g], Some(&mut [&mut bb]), sgd).unwrap();
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(&ba, &bb);
+
+            let adam = AdamHyper { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, decoupled, amsgrad, maximize: false, step: 3.0 };
+            let (mut a, mut b) = (vec![0.0f32; w0.len()], w0.clone());
+            let mut state_a: Vec<Vec<f32>> = (0..3).map(|k| vec![0.1 * k as f32; w0.len()]).collect();
+            let mut state_b = state_a.clone();
+            let [ma, va, xa] = &mut state_a[..] else { unreachable!() };
+            let [mb, vb, xb] = &mut state_b[..] else { unreachable!() };
+            restore_adam::<f32>(&mut [&mut a], &[&w0], &[&g], &mut [ma], &mut [va], Some(&mut [xa]), adam).unwrap();
+            adam_step::<f32>(&mut [&mut b], &[&g], &mut [mb], &mut [vb], Some(&mut [xb]), adam).unwrap();
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(&state_a, &state_b);
+        }
     }
 }

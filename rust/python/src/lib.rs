@@ -115,7 +115,8 @@ fn restore(py: Python<'_>, weights: &Bound<'_, PyAny>, backups: &Bound<'_, PyAny
     })
 }
 
-/// Restores `weights` from `backups` and applies one torch.optim.SGD step with `grads`.
+/// Restores `weights` from `backups` and applies one torch.optim.SGD step with `grads`
+/// (`backups=None`: a plain step in place).
 #[pyfunction]
 #[pyo3(signature = (weights, backups, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0,
                     weight_decay=0.0, nesterov=false, maximize=false, init_momentum=false))]
@@ -123,7 +124,7 @@ fn restore(py: Python<'_>, weights: &Bound<'_, PyAny>, backups: &Bound<'_, PyAny
 fn restore_sgd(
     py: Python<'_>,
     weights: &Bound<'_, PyAny>,
-    backups: &Bound<'_, PyAny>,
+    backups: Option<&Bound<'_, PyAny>>,
     grads: &Bound<'_, PyAny>,
     momentum_buffers: Option<&Bound<'_, PyAny>>,
     lr: f64,
@@ -139,7 +140,7 @@ fn restore_sgd(
     }
     let mut call = Call::new(py);
     let w = call.write("weights", weights)?;
-    let b = call.read("backups", backups)?;
+    let b = backups.map(|b| call.read("backups", b)).transpose()?;
     let g = call.read("grads", grads)?;
     let buf = match (momentum_buffers, momentum != 0.0) {
         (Some(bufs), true) => Some(call.write("momentum_buffers", bufs)?),
@@ -149,13 +150,19 @@ fn restore_sgd(
     call.finish()?;
     let hyper = k::SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize, init_momentum };
     dispatch!(call.dtype(), E, {
-        let (mut w, b, g) = (call.slices_mut::<E>(&w), call.slices::<E>(&b), call.slices::<E>(&g));
+        let (mut w, g) = (call.slices_mut::<E>(&w), call.slices::<E>(&g));
+        let b = b.as_ref().map(|b| call.slices::<E>(b));
         let mut buf = buf.as_ref().map(|b| call.slices_mut::<E>(b));
-        py.detach(|| k::restore_sgd::<E>(&mut w, &b, &g, buf.as_deref_mut(), hyper)).map_err(kernel_error)
+        py.detach(|| match &b {
+            Some(b) => k::restore_sgd::<E>(&mut w, b, &g, buf.as_deref_mut(), hyper),
+            None => k::sgd_step::<E>(&mut w, &g, buf.as_deref_mut(), hyper),
+        })
+        .map_err(kernel_error)
     })
 }
 
-/// Restores `weights` from `backups` and applies one torch.optim.Adam/AdamW step with `grads`.
+/// Restores `weights` from `backups` and applies one torch.optim.Adam/AdamW step with `grads`
+/// (`backups=None`: a plain step in place).
 #[pyfunction]
 #[pyo3(signature = (weights, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr,
                     beta1, beta2, eps, weight_decay=0.0, decoupled=false, amsgrad=false, maximize=false))]
@@ -163,7 +170,7 @@ fn restore_sgd(
 fn restore_adam(
     py: Python<'_>,
     weights: &Bound<'_, PyAny>,
-    backups: &Bound<'_, PyAny>,
+    backups: Option<&Bound<'_, PyAny>>,
     grads: &Bound<'_, PyAny>,
     exp_avgs: &Bound<'_, PyAny>,
     exp_avg_sqs: &Bound<'_, PyAny>,
@@ -183,7 +190,7 @@ fn restore_adam(
     }
     let mut call = Call::new(py);
     let w = call.write("weights", weights)?;
-    let b = call.read("backups", backups)?;
+    let b = backups.map(|b| call.read("backups", b)).transpose()?;
     let g = call.read("grads", grads)?;
     let m1 = call.write("exp_avgs", exp_avgs)?;
     let m2 = call.write("exp_avg_sqs", exp_avg_sqs)?;
@@ -196,10 +203,41 @@ fn restore_adam(
     call.finish()?;
     let hyper = k::AdamHyper { lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step };
     dispatch!(call.dtype(), E, {
-        let (mut w, b, g) = (call.slices_mut::<E>(&w), call.slices::<E>(&b), call.slices::<E>(&g));
+        let (mut w, g) = (call.slices_mut::<E>(&w), call.slices::<E>(&g));
+        let b = b.as_ref().map(|b| call.slices::<E>(b));
         let (mut m1, mut m2) = (call.slices_mut::<E>(&m1), call.slices_mut::<E>(&m2));
         let mut vmax = vmax.as_ref().map(|v| call.slices_mut::<E>(v));
-        py.detach(|| k::restore_adam::<E>(&mut w, &b, &g, &mut m1, &mut m2, vmax.as_deref_mut(), hyper)).map_err(kernel_error)
+        py.detach(|| match &b {
+            Some(b) => k::restore_adam::<E>(&mut w, b, &g, &mut m1, &mut m2, vmax.as_deref_mut(), hyper),
+            None => k::adam_step::<E>(&mut w, &g, &mut m1, &mut m2, vmax.as_deref_mut(), hyper),
+        })
+        .map_err(kernel_error)
+    })
+}
+
+/// Σ a·b over aligned tensor lists, accumulated in float64.
+#[pyfunction]
+fn dot(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<f64> {
+    let mut call = Call::new(py);
+    let x = call.read("a", a)?;
+    let y = call.read("b", b)?;
+    call.finish()?;
+    dispatch!(call.dtype(), E, {
+        let (x, y) = (call.slices::<E>(&x), call.slices::<E>(&y));
+        py.detach(|| k::dot::<E>(&x, &y)).map_err(kernel_error)
+    })
+}
+
+/// `y ← alpha·x + beta·y`.
+#[pyfunction]
+fn axpby(py: Python<'_>, x: &Bound<'_, PyAny>, y: &Bound<'_, PyAny>, alpha: f64, beta: f64) -> PyResult<()> {
+    let mut call = Call::new(py);
+    let xs = call.read("x", x)?;
+    let ys = call.write("y", y)?;
+    call.finish()?;
+    dispatch!(call.dtype(), E, {
+        let (xs, mut ys) = (call.slices::<E>(&xs), call.slices_mut::<E>(&ys));
+        py.detach(|| k::axpby::<E>(&xs, &mut ys, alpha, beta)).map_err(kernel_error)
     })
 }
 
@@ -235,6 +273,8 @@ fn sharpness_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(restore_sgd, m)?)?;
     m.add_function(wrap_pyfunction!(restore_adam, m)?)?;
     m.add_function(wrap_pyfunction!(any_nonzero, m)?)?;
+    m.add_function(wrap_pyfunction!(dot, m)?)?;
+    m.add_function(wrap_pyfunction!(axpby, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     Ok(())
 }
