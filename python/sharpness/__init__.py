@@ -2,6 +2,7 @@
 
 - :class:`sharpness.SAM`: SAM/ASAM around any ``torch.optim`` optimizer, native fused kernels
   for CPU tensors, foreach ops elsewhere.
+- :class:`sharpness.LookSAM`, :class:`sharpness.EveryKSAM`: the second pass every k steps.
 - :mod:`sharpness.numpy`: the same methods over lists of numpy arrays.
 - :func:`sharpness.frozen_running_stats`: keep BatchNorm statistics out of the second pass.
 - :func:`sharpness.param_groups`: groups without perturbation, adaptivity or decay for biases,
@@ -11,10 +12,12 @@
 from sharpness._core import __version__
 from sharpness.batchnorm import disable_running_stats, enable_running_stats, frozen_running_stats
 from sharpness.groups import param_groups
-from sharpness.optim import SAM
+from sharpness.optim import SAM, EveryKSAM, LookSAM
 
 __all__ = [
     "SAM",
+    "EveryKSAM",
+    "LookSAM",
     "__version__",
     "disable_running_stats",
     "enable_running_stats",

@@ -93,10 +93,11 @@ class RustEngine:
     def restore_and_step(self, base: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
         """Restores the weights and applies the base optimizer's step in one pass per run of
         parameters that share a group and a state (parameters without a gradient are only
-        restored, as torch skips them)."""
+        restored, as torch skips them). Without a pending perturbation (the plain steps of SAM
+        variants that skip the second pass) the step is taken in place."""
         kind = fused_kernel_kind(base, groups)
-        if kind is None or not self.perturbed:
-            raise RuntimeError("restore_and_step needs a perturbation and a base optimizer with a kernel")
+        if kind is None:
+            raise RuntimeError("restore_and_step needs a base optimizer with a kernel")
         self.active = self.buffers.sync()
         for gi, p_lo, p_hi, _, _ in self.group_slices:
             group = groups[gi]
@@ -104,8 +105,47 @@ class RustEngine:
                 self._sgd_group(base.state, group, p_lo, p_hi)
             else:
                 self._adam_group(base.state, group, p_lo, p_hi)
+        self.stats["fused_steps" if self.perturbed else "fused_plain_steps"] += 1
         self.perturbed = False
-        self.stats["fused_steps"] += 1
+
+    # -- vectors over all parameters, for the variants that mix gradients ------------------------
+
+    def vector(self, name: str, state: dict) -> Any:
+        """The flat array behind every parameter's ``state[p][name]`` (created at zero)."""
+        buf = self.buffers
+        flat = buf.state_flat(name)
+        for i in range(len(buf.params)):
+            if not buf.adopt_state(state, name, i):
+                state[buf.params[i]][name] = buf.state_views[name][i]
+        return flat
+
+    def _array(self, name: str, state: dict) -> Any:
+        return self.buffers.np_grads if name == "grads" else self.vector(name, state)
+
+    def dot(self, a: str, b: str, state: dict) -> float:
+        """``Σ a·b`` over every parameter (``"grads"`` or a state name)."""
+        return _core.dot(self._array(a, state), self._array(b, state))
+
+    def axpby(self, x: str, y: str, alpha: float, beta: float, state: dict) -> None:
+        """``y ← alpha·x + beta·y`` (``"grads"`` or state names, distinct). Into the gradients,
+        only parameters that hold one are written: the others keep torch's ``grad is None``."""
+        if x == y:
+            raise ValueError("axpby needs two different vectors")
+        xs, ys = self._array(x, state), self._array(y, state)
+        for lo, hi in self._active_ranges() if y == "grads" else [(0, len(ys))]:
+            _core.axpby(xs[lo:hi], ys[lo:hi], alpha, beta)
+
+    def copy(self, src: str, dst: str, state: dict) -> None:
+        """``dst ← src`` (``"grads"`` or state names)."""
+        _core.restore(self._array(dst, state), self._array(src, state))
+
+    def _active_ranges(self) -> list[tuple[int, int]]:
+        """Element ranges of the runs of consecutive parameters that hold a gradient."""
+        offsets, ranges = self.buffers.offsets, []
+        for (is_active, _), i0, i1 in self._runs(0, len(self.active), lambda i: (self.active[i], None)):
+            if is_active:
+                ranges.append((offsets[i0], offsets[i1]))
+        return ranges
 
     def _runs(self, p_lo: int, p_hi: int, key_of) -> list[tuple[Any, int, int]]:
         """Maximal runs ``(key, first, end)`` of consecutive parameters with equal keys."""
@@ -119,7 +159,12 @@ class RustEngine:
         return runs
 
     def _restore_only(self, lo: int, hi: int) -> None:
-        _core.restore(self.buffers.np_weights[lo:hi], self.buffers.np_backup[lo:hi])
+        if self.perturbed:
+            _core.restore(self.buffers.np_weights[lo:hi], self.buffers.np_backup[lo:hi])
+
+    def _source(self, lo: int, hi: int) -> Any:
+        """Where a step reads the weights: the backup after a perturbation, else in place."""
+        return self.buffers.np_backup[lo:hi] if self.perturbed else None
 
     def _sgd_group(self, state: dict, group: dict[str, Any], p_lo: int, p_hi: int) -> None:
         buf, active = self.buffers, self.active
@@ -133,7 +178,7 @@ class RustEngine:
             runs = self._runs(
                 p_lo, p_hi, lambda i: (active[i], active[i] and buf.adopt_state(state, "momentum_buffer", i))
             )
-        w, g, src, offs = buf.np_weights, buf.np_grads, buf.np_backup, buf.offsets
+        w, g, offs = buf.np_weights, buf.np_grads, buf.offsets
         for (is_active, has_buffer), i0, i1 in runs:
             lo, hi = offs[i0], offs[i1]
             if not is_active:
@@ -141,7 +186,7 @@ class RustEngine:
                 continue
             _core.restore_sgd(
                 w[lo:hi],
-                src[lo:hi],
+                self._source(lo, hi),
                 g[lo:hi],
                 None if mom is None else mom[lo:hi],
                 lr=float(group["lr"]),
@@ -198,7 +243,7 @@ class RustEngine:
             runs = [((True, float(group_steps[0])), p_lo, p_hi)]  # the steady state
         else:
             runs = self._runs(p_lo, p_hi, key_of)
-        w, g, src, offs = buf.np_weights, buf.np_grads, buf.np_backup, buf.offsets
+        w, g, offs = buf.np_weights, buf.np_grads, buf.offsets
         beta1, beta2 = group["betas"]
         for (is_active, _), i0, i1 in runs:
             lo, hi = offs[i0], offs[i1]
@@ -208,7 +253,7 @@ class RustEngine:
             steps[i0:i1] += 1
             _core.restore_adam(
                 w[lo:hi],
-                src[lo:hi],
+                self._source(lo, hi),
                 g[lo:hi],
                 arrays["exp_avg"][lo:hi],
                 arrays["exp_avg_sq"][lo:hi],

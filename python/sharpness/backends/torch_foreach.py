@@ -116,5 +116,44 @@ class TorchEngine:
     def can_fuse(self, base: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> bool:
         return False
 
+    # -- vectors over the parameters that hold a gradient ------------------------------------------
+
+    def _active(self) -> list[int]:
+        return [i for indices in self.by_group.values() for i in indices]
+
+    def vector(self, name: str, state: dict) -> list[Tensor]:
+        """Every active parameter's ``state[p][name]`` (created at zero)."""
+        out = []
+        for i in self._active():
+            entry = state[self.params[i]]
+            if name not in entry:
+                entry[name] = torch.zeros_like(self.params[i], memory_format=torch.preserve_format)
+            out.append(entry[name])
+        return out
+
+    def _array(self, name: str, state: dict) -> list[Tensor]:
+        if name == "grads":
+            return [self.params[i].grad for i in self._active()]
+        return self.vector(name, state)
+
+    def dot(self, a: str, b: str, state: dict) -> float:
+        xs, ys = self._array(a, state), self._array(b, state)
+        return sum(float(torch.dot(x.reshape(-1).double(), y.reshape(-1).double())) for x, y in zip(xs, ys))
+
+    def axpby(self, x: str, y: str, alpha: float, beta: float, state: dict) -> None:
+        if x == y:
+            raise ValueError("axpby needs two different vectors")
+        with torch.no_grad():
+            xs, ys = self._array(x, state), self._array(y, state)
+            if ys:
+                torch._foreach_mul_(ys, beta)
+                torch._foreach_add_(ys, xs, alpha=alpha)
+
+    def copy(self, src: str, dst: str, state: dict) -> None:
+        with torch.no_grad():
+            dsts, srcs = self._array(dst, state), self._array(src, state)
+            if dsts:
+                torch._foreach_copy_(dsts, srcs)
+
     def restore_and_step(self, base: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
         raise RuntimeError("the torch engine has no fused step: restore, then let the base optimizer step")

@@ -1,5 +1,6 @@
 """Torch optimizers of the SAM family (one module per method family)."""
 
+from sharpness.optim.looksam import EveryKSAM, LookSAM
 from sharpness.optim.sam import SAM
 
-__all__ = ["SAM"]
+__all__ = ["SAM", "EveryKSAM", "LookSAM"]

@@ -146,6 +146,8 @@ class SAM(torch.optim.Optimizer):
         self._pending: str | None = None  # None, "perturbed" or "skipped"
         self._in_step = False
         self.last_grad_norm = float("nan")
+        # Scalars of the method itself (step count; variants add theirs), saved in state_dict().
+        self.sam_state: dict[str, Any] = {"step": 0}
         if backend == "rust":
             for group in self.param_groups:
                 for p in group["params"]:
@@ -245,13 +247,35 @@ class SAM(torch.optim.Optimizer):
 
     # -- the two halves of a SAM step ---------------------------------------------------------
 
+    # -- what a SAM variant overrides ------------------------------------------------------------
+
+    def _second_pass_due(self, grad_norm: float) -> bool:
+        """Whether this step perturbs and takes a second gradient (SAM: always). Variants that
+        skip the second pass on some steps decide here, from the step count or the norm."""
+        return True
+
+    def _before_perturbation(self, engines: list[RustEngine | TorchEngine]) -> None:
+        """Runs with the first gradient ``g`` in ``p.grad``, just before ``w ← w + e``."""
+
+    def _before_base_step(self, engines: list[RustEngine | TorchEngine]) -> None:
+        """Runs with the second gradient ``g̃`` in ``p.grad``, before the base step."""
+
+    def _one_pass_gradient(self, engines: list[RustEngine | TorchEngine], grad_norm: float) -> None:
+        """On a step without a second pass, turns ``g`` in ``p.grad`` into the update direction."""
+
+    # -- the two halves of a SAM step ---------------------------------------------------------
+
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False) -> bool:
         """Moves the weights to ``w + e`` using the gradients now in ``p.grad``.
 
-        Step pre-hooks run here (a SAM step starts with it) and post-hooks at the end of
-        :meth:`second_step`, so each fires once per SAM step. A non-finite gradient norm (an
-        overflowing loss scale, a NaN) applies no perturbation: the weights stay as they are,
+        Returns whether a second forward/backward pass and :meth:`second_step` must follow
+        (always for SAM; variants that skip the second pass on some steps take their whole step
+        here and return False).
+
+        Step pre-hooks run here (a SAM step starts with it) and post-hooks at the end of the
+        step, so each fires once per SAM step. A non-finite gradient norm (an overflowing loss
+        scale, a NaN) applies no perturbation: the weights stay as they are,
         ``stats["nonfinite_skips"]`` counts it, and :meth:`second_step` then does exactly what
         the base optimizer does with the gradients it is given (a GradScaler then skips the step
         as usual).
@@ -263,16 +287,46 @@ class SAM(torch.optim.Optimizer):
         with record_function("SAM.first_step"):
             engines = self._begin()
             norm = math.sqrt(sum(engine.sum_of_squares(self.param_groups) for engine in engines))
+            self.last_grad_norm = norm
+            if math.isfinite(norm) and not self._second_pass_due(norm):
+                self._one_pass_gradient(engines, norm)
+                self._plain_step(engines)
+                self._finish_step(zero_grad)
+                return False
             if math.isfinite(norm):
+                self._before_perturbation(engines)
                 for engine in engines:
                     engine.perturb(self.param_groups, norm)
                 self._pending = "perturbed"
             else:
                 self.stats["nonfinite_skips"] += 1
                 self._pending = "skipped"
-            self.last_grad_norm = norm
             if zero_grad:
                 self.zero_grad()
+        return True
+
+    def _plain_step(self, engines: list[RustEngine | TorchEngine], fused: bool = True) -> None:
+        """The base step with the gradients in ``p.grad`` and no perturbation to undo."""
+        if fused and all(e.can_fuse(self.base_optimizer, self.param_groups) for e in engines):
+            for engine in engines:
+                engine.restore_and_step(self.base_optimizer, self.param_groups)
+        else:
+            for engine in engines:
+                engine.begin()  # re-attach any gradient view replaced since
+            self.base_optimizer.step()
+            self.stats["base_steps"] += 1
+
+    def _finish_step(self, zero_grad: bool) -> None:
+        self.stats["steps"] += 1
+        self.sam_state["step"] += 1
+        # What an LR scheduler's wrapper of `step()` records: with the two-call API `step()`
+        # may never run, and the scheduler would warn that it steps before the optimizer.
+        self._opt_called = True
+        self.base_optimizer._opt_called = True  # type: ignore[attr-defined]
+        if zero_grad:
+            self.zero_grad()
+        if not self._in_step:
+            self._post_hooks((), {"zero_grad": zero_grad})
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -283,25 +337,17 @@ class SAM(torch.optim.Optimizer):
         with record_function("SAM.second_step"):
             pending, self._pending = self._pending, None
             engines = self.engines()
+            if pending == "perturbed":
+                self._before_base_step(engines)
             if pending == "perturbed" and all(e.can_fuse(self.base_optimizer, self.param_groups) for e in engines):
                 for engine in engines:
                     engine.restore_and_step(self.base_optimizer, self.param_groups)
             else:
                 for engine in engines:
                     engine.restore()
-                for engine in engines:
-                    engine.begin()  # re-attach any gradient view replaced since first_step
-                self.base_optimizer.step()
-                self.stats["base_steps"] += 1
-            self.stats["steps"] += 1
-            # What an LR scheduler's wrapper of `step()` records: with the two-call API `step()`
-            # may never run, and the scheduler would warn that it steps before the optimizer.
-            self._opt_called = True
-            self.base_optimizer._opt_called = True  # type: ignore[attr-defined]
-            if zero_grad:
-                self.zero_grad()
-        if not self._in_step:
-            self._post_hooks((), {"zero_grad": zero_grad})
+                # After a non-finite norm, exactly the base optimizer's own step.
+                self._plain_step(engines, fused=pending == "perturbed")
+        self._finish_step(zero_grad)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -323,26 +369,31 @@ class SAM(torch.optim.Optimizer):
             closure = args[0] if args else kwargs.get("closure", closure)
             self._in_step = True
             try:
-                noise = _RandomState.capture(self._devices()) if self.same_noise else None
-                with torch.enable_grad():
-                    loss = closure()
-                self.first_step()
-                if noise is not None:
-                    after_first = _RandomState.capture(self._devices())
-                    noise.restore()
-                try:
-                    with torch.enable_grad():
-                        closure()
-                except BaseException:
-                    self.restore()  # never leave the weights perturbed behind an exception
-                    raise
-                finally:
-                    if noise is not None:
-                        after_first.restore()
-                self.second_step()
+                loss = self._closure_step(closure)
             finally:
                 self._in_step = False
             self._post_hooks(args, kwargs)
+        return loss
+
+    def _closure_step(self, closure: Callable[[], Tensor]) -> Tensor:
+        noise = _RandomState.capture(self._devices()) if self.same_noise else None
+        with torch.enable_grad():
+            loss = closure()
+        if not self.first_step():
+            return loss  # a one-pass step (variants of SAM): already taken
+        if noise is not None:
+            after_first = _RandomState.capture(self._devices())
+            noise.restore()
+        try:
+            with torch.enable_grad():
+                closure()
+        except BaseException:
+            self.restore()  # never leave the weights perturbed behind an exception
+            raise
+        finally:
+            if noise is not None:
+                after_first.restore()
+        self.second_step()
         return loss
 
     # torch.optim.Optimizer wraps `step` with its hooks unless it is marked: SAM runs them itself,
@@ -453,7 +504,7 @@ class SAM(torch.optim.Optimizer):
                 "and the checkpoint would not resume exactly; take it after second_step()"
             )
         sd = self.base_optimizer.state_dict()
-        sd["sam"] = {"stats": dict(self.stats), "generator": self.generator.get_state()}
+        sd["sam"] = {"stats": dict(self.stats), "generator": self.generator.get_state(), "state": dict(self.sam_state)}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -472,6 +523,7 @@ class SAM(torch.optim.Optimizer):
         self.stats.update(sam.get("stats", {}))
         if "generator" in sam:
             self.generator.set_state(sam["generator"])
+        self.sam_state.update(sam.get("state", {}))
 
     def __repr__(self) -> str:
         return f"SAM(backend={self.backend!r}, base={self.base_optimizer!r})"

@@ -1,0 +1,129 @@
+"""LookSAM and every-k SAM: the second gradient pass only every k steps.
+
+LookSAM (Liu, Mai, Chen, Hsieh, You, "Towards Efficient and Scalable Sharpness-Aware
+Minimization", CVPR 2022, arXiv:2203.02714) observes that the part of SAM's gradient that the
+plain gradient does not already contain changes slowly. Every ``k`` steps it takes a full SAM
+step and keeps that part,
+
+    g_s = ∇L(w + e),   g_v = g_s − ‖g_s‖·cos(g, g_s)·g/‖g‖ = g_s − (g·g_s/‖g‖²)·g,
+
+the component of ``g_s`` orthogonal to ``g``; on the steps in between it takes one gradient
+``g`` and reuses it:
+
+    g_s ≈ g + α·(‖g‖/‖g_v‖)·g_v.
+
+Every-k SAM (Composer's ``interval``, optax's ``sync_period``) is the baseline: a SAM step every
+``k`` steps, plain base-optimizer steps in between (LookSAM with ``α = 0``).
+
+Both run on the engines' shared kernels (norms, dot products, ``axpby``, the fused steps);
+``g_v`` lives in the optimizer state (``state[p]["looksam_gv"]``), so it is checkpointed with
+everything else.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from sharpness.optim.sam import SAM
+
+_GV = "looksam_gv"
+
+
+def _check_k(k: int) -> int:
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    return k
+
+
+class EveryKSAM(SAM):
+    """SAM every ``k`` steps, plain base-optimizer steps in between (the baseline of the
+    efficient SAM variants; ``k = 1`` is SAM).
+
+    :meth:`first_step` returns whether a second pass must follow; on the other steps it takes
+    the whole (plain) step itself. ``step(closure)`` handles both.
+
+    Example:
+        >>> import torch, sharpness
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = sharpness.EveryKSAM(model.parameters(), torch.optim.SGD, k=2, rho=0.05, lr=0.1)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+        >>> for _ in range(4):
+        ...     torch.nn.functional.mse_loss(model(x), y).backward()
+        ...     if opt.first_step(zero_grad=True):  # True on steps 0 and 2
+        ...         torch.nn.functional.mse_loss(model(x), y).backward()
+        ...         opt.second_step(zero_grad=True)
+        >>> opt.stats["fused_steps"], opt.stats["fused_plain_steps"]
+        (2, 2)
+    """
+
+    def __init__(self, params: Any, base_optimizer: Any, k: int = 2, **kwargs: Any) -> None:
+        self.k = _check_k(k)
+        super().__init__(params, base_optimizer, **kwargs)
+
+    def _second_pass_due(self, grad_norm: float) -> bool:
+        return self.sam_state["step"] % self.k == 0
+
+
+class LookSAM(SAM):
+    """LookSAM (Liu et al., CVPR 2022, arXiv:2203.02714): a SAM step every ``k`` steps that
+    keeps ``g_v``, the part of the SAM gradient orthogonal to the plain gradient; in between,
+    one gradient pass with ``g + α‖g‖/‖g_v‖·g_v`` as the update direction.
+
+    ``k = 1`` is SAM; ``α = 0`` is every-k SAM. Paper defaults: ``k = 5``, ``α = 0.7``.
+
+    Args:
+        params, base_optimizer, rho, adaptive, eta, backend, **base_kwargs: as for
+            :class:`sharpness.SAM`.
+        k: a SAM step every ``k`` steps (the first step is one).
+        alpha: the weight ``α`` of the reused component.
+
+    Example:
+        >>> import torch, sharpness
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = sharpness.LookSAM(model.parameters(), torch.optim.SGD, k=5, alpha=0.7, rho=0.05, lr=0.1)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(5):
+        ...     loss = opt.step(closure)  # the closure runs twice on step 0, once on steps 1-4
+    """
+
+    def __init__(self, params: Any, base_optimizer: Any, k: int = 5, alpha: float = 0.7, **kwargs: Any) -> None:
+        self.k = _check_k(k)
+        if not (alpha >= 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+        self.alpha = float(alpha)
+        super().__init__(params, base_optimizer, **kwargs)
+        self.sam_state["gv_norm"] = 0.0
+
+    def _second_pass_due(self, grad_norm: float) -> bool:
+        return self.sam_state["step"] % self.k == 0
+
+    def _before_perturbation(self, engines: list) -> None:
+        for engine in engines:  # keep g: g_v is computed from it once g_s is known
+            engine.copy("grads", _GV, self.state)
+
+    @torch.no_grad()
+    def _before_base_step(self, engines: list) -> None:
+        g_dot_g = sum(engine.dot(_GV, _GV, self.state) for engine in engines)
+        g_dot_gs = sum(engine.dot("grads", _GV, self.state) for engine in engines)
+        c = g_dot_gs / g_dot_g if g_dot_g > 0 else 0.0
+        for engine in engines:  # g_v = g_s − c·g, in the buffer that held g
+            engine.axpby("grads", _GV, 1.0, -c, self.state)
+        self.sam_state["gv_norm"] = math.sqrt(sum(engine.dot(_GV, _GV, self.state) for engine in engines))
+
+    @torch.no_grad()
+    def _one_pass_gradient(self, engines: list, grad_norm: float) -> None:
+        gv_norm = self.sam_state["gv_norm"]
+        if self.alpha == 0 or gv_norm == 0:
+            return
+        g_norm = math.sqrt(sum(engine.dot("grads", "grads", self.state) for engine in engines))
+        scale = self.alpha * g_norm / gv_norm
+        for engine in engines:  # g ← g + α‖g‖/‖g_v‖·g_v
+            engine.axpby(_GV, "grads", scale, 1.0, self.state)
