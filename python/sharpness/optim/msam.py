@@ -57,15 +57,7 @@ class MSharpnessSAM(SAM):
     def step(self, closure: Callable[[int], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         if closure is None:
             raise RuntimeError("MSharpnessSAM.step needs a closure of the micro-batch index: step(lambda i: ...)")
-        args, kwargs = self._pre_hooks((closure,), {})
-        closure = args[0] if args else kwargs.get("closure", closure)
-        self._in_step = True
-        try:
-            loss = self._micro_batch_step(closure)
-        finally:
-            self._in_step = False
-        self._post_hooks(args, kwargs)
-        return loss
+        return self._hooked_step(closure, self._micro_batch_step)
 
     step.hooked = True  # type: ignore[attr-defined]
 

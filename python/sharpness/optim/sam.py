@@ -364,12 +364,16 @@ class SAM(torch.optim.Optimizer):
                 raise RuntimeError("step() without a closure needs a first_step() before it; " + _HOW_TO_CALL)
             self.second_step()  # the pre-hooks ran in first_step, the post-hooks run here
             return None
+        return self._hooked_step(closure, self._closure_step)
+
+    def _hooked_step(self, closure: Callable, body: Callable[[Callable], Tensor]) -> Tensor:
+        """Runs ``body(closure)`` as one optimizer step: profiler label, pre-hooks, post-hooks."""
         with record_function(f"Optimizer.step#{type(self).__name__}.step"):
             args, kwargs = self._pre_hooks((closure,), {})
             closure = args[0] if args else kwargs.get("closure", closure)
             self._in_step = True
             try:
-                loss = self._closure_step(closure)
+                loss = body(closure)
             finally:
                 self._in_step = False
             self._post_hooks(args, kwargs)

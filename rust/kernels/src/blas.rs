@@ -3,10 +3,9 @@
 
 use crate::element::{Element, Real};
 use crate::parallel::{chunks, chunks_mut, for_each, ordered_sum};
+use crate::norms::{fold_lanes, LANES};
 use crate::{check_aligned, lengths, KernelError};
 use multiversion::multiversion;
-
-const LANES: usize = 32;
 
 #[multiversion(targets = "simd")]
 fn dot_chunk<E: Element>(a: &[E], b: &[E]) -> f64 {
@@ -19,14 +18,7 @@ fn dot_chunk<E: Element>(a: &[E], b: &[E]) -> f64 {
         }
     }
     let tail = a_blocks.remainder().iter().zip(b_blocks.remainder()).fold(0.0, |acc, (&x, &y)| acc + x.load().to_f64() * y.load().to_f64());
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for i in 0..width {
-            lanes[i] += lanes[i + width];
-        }
-    }
-    lanes[0] + tail
+    fold_lanes(lanes, tail)
 }
 
 /// `Σ a·b` over aligned tensor lists, accumulated in `f64` (deterministic, like the norms).

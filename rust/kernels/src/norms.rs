@@ -9,11 +9,12 @@ use crate::parallel::{chunks, ordered_sum};
 use crate::{check_aligned, lengths, KernelError};
 use multiversion::multiversion;
 
-const LANES: usize = 32;
+/// Independent accumulators per chunk (shared with the dot product).
+pub(crate) const LANES: usize = 32;
 
 /// Adds the lanes pairwise in a fixed order (the same on every CPU, whatever its vector width).
 #[inline(always)]
-fn fold_lanes(mut lanes: [f64; LANES], tail: f64) -> f64 {
+pub(crate) fn fold_lanes(mut lanes: [f64; LANES], tail: f64) -> f64 {
     let mut width = LANES;
     while width > 1 {
         width /= 2;
