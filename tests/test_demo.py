@@ -8,7 +8,9 @@ is tiny: on a busy machine more threads mostly wait on each other) and puts the 
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -21,8 +23,11 @@ from sharpness import cli, demo  # noqa: E402
 from sharpness.demo import DemoConfig, load_noisy_digits, randomize_labels  # noqa: E402
 
 EXPECTED_TOP_KEYS = {"config", "dataset", "environment", "runs", "summary", "wall_seconds"}
+REPORT_FILES = ("results.json", "summary.csv", "summary.json", "accuracy.png", "landscape_1d.png",
+                "landscape_2d.png")
 EXPECTED_METRICS = {
-    "test_accuracy", "train_loss", "train_accuracy", "train_accuracy_clean", "memorized", "seconds_per_epoch"
+    "test_accuracy", "train_loss", "train_accuracy", "train_accuracy_clean", "memorized", "seconds_per_epoch",
+    "m_sharpness", "lambda_max",
 }
 
 
@@ -50,7 +55,25 @@ def test_quick_demo_prints_the_table_and_writes_results(tmp_path, capsys):
     for label in ("SGD", "SAM (rho=", "ASAM (rho="):
         assert label in out
     assert "±" in out
+    # both networks by default: one report sub-folder each, the combined table on top
+    assert "== mlp ==" in out and "== cnn ==" in out and "MLP 64→" in out and "CNN 8×8" in out
+    for model in ("mlp", "cnn"):
+        for name in REPORT_FILES:
+            assert (tmp_path / model / name).stat().st_size > 0, (model, name)
+    combined = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert [(r["model"], r["optimizer"]) for r in combined] == [
+        (m, o) for m in ("mlp", "cnn") for o in ("sgd", "sam", "asam")
+    ]
+    csv_rows = list(csv.DictReader((tmp_path / "summary.csv").read_text(encoding="utf-8").splitlines()))
+    assert [(r["model"], r["optimizer"]) for r in csv_rows] == [(r["model"], r["optimizer"]) for r in combined]
+    for row, record in zip(csv_rows, combined):
+        assert float(row["test_accuracy_mean"]) == pytest.approx(record["test_accuracy_mean"])
+        assert float(row["lr"]) == record["lr"] == 0.02
+    assert f"wrote {tmp_path / 'summary.json'}" in out
+    cnn = json.loads((tmp_path / "cnn" / "results.json").read_text(encoding="utf-8"))
+    assert cnn["config"]["model"] == "cnn" and set(cnn["landscapes"]["2d"]) == {"sgd", "sam", "asam"}
 
+    tmp_path = tmp_path / "mlp"  # the MLP's report in detail
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert EXPECTED_TOP_KEYS <= set(results)
     assert results["config"]["epochs"] == 2 and results["config"]["seeds"] == 1
@@ -67,18 +90,121 @@ def test_quick_demo_prints_the_table_and_writes_results(tmp_path, capsys):
         assert set(entry["test_accuracy"]) == {"mean", "std"}
         assert entry["relative_time"] > 0
     assert results["summary"]["sgd"]["relative_time"] == pytest.approx(1.0)
+    assert "m-sharpness" in out and "λ_max" in out
+    for run in results["runs"]:
+        assert run["m_sharpness"] >= 0 and run["lambda_max"] > 0
+
+    # the report folder: the table as CSV and JSON, the figures as PNG
+    for name in REPORT_FILES:
+        assert (tmp_path / name).stat().st_size > 0, name
+        assert f"wrote {tmp_path / name}" in out
+    for name in ("accuracy.png", "landscape_1d.png", "landscape_2d.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((tmp_path / "summary.csv").read_text(encoding="utf-8").splitlines()))
+    assert [row["optimizer"] for row in rows] == ["sgd", "sam", "asam"]
+    for row, name in zip(rows, ("sgd", "sam", "asam")):
+        summary = results["summary"][name]
+        assert float(row["test_accuracy_mean"]) == pytest.approx(summary["test_accuracy"]["mean"])
+        assert float(row["lambda_max_mean"]) == pytest.approx(summary["lambda_max"]["mean"])
+    table = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert [r["optimizer"] for r in table] == ["sgd", "sam", "asam"] and "model" not in table[0]
+    for record, row in zip(table, rows):
+        assert record["m_sharpness_mean"] == pytest.approx(float(row["m_sharpness_mean"]))
+        assert record["relative_time"] == pytest.approx(float(row["relative_time"]))
+    # landscapes of seed 0's models: one grid, finite, the centre is the final training loss
+    scapes = results["landscapes"]
+    assert set(scapes["1d"]) == set(scapes["2d"]) == {"sgd", "sam", "asam"}
+    steps = results["config"]["landscape_steps"]
+    for name, surface in scapes["2d"].items():
+        assert surface["alphas"] == scapes["2d"]["sgd"]["alphas"]
+        assert len(surface["losses"]) == steps and len(surface["losses"][0]) == steps
+        curve = scapes["1d"][name]
+        assert len(curve["losses"]) == 2 * steps - 1
+        run = next(r for r in results["runs"] if r["optimizer"] == name)
+        n = results["config"]["measure_size"]
+        assert curve["losses"][steps - 1] == pytest.approx(surface["losses"][steps // 2][steps // 2], rel=1e-5)
+        assert run["train_loss"] > 0 and all(math.isfinite(v) for v in curve["losses"]) and n > 0
+
+
+def test_landscape_panels_share_one_colour_scale(tmp_path):
+    from sharpness import plots
+
+    grid = [-1.0, 0.0, 1.0]
+    surfaces = {
+        "sgd": {"alphas": grid, "betas": grid, "losses": [[3.0, 2.0, 3.0], [2.0, 0.5, 2.0], [3.0, 2.0, 3.0]]},
+        "sam": {"alphas": grid, "betas": grid, "losses": [[1.2, 1.1, 1.2], [1.1, 1.0, 1.1], [1.2, 1.1, 1.2]]},
+    }
+    path = tmp_path / "plane.png"
+    fig = plots.plot_landscape_2d(surfaces, {"sgd": "SGD", "sam": "SAM"}, path)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    # both panels on the same scale, spanning the lowest and the highest loss of the two
+    assert fig.sharpness_clims == [(0.5, 3.0), (0.5, 3.0)]
 
 
 def test_options_reach_the_config(tmp_path, capsys):
     argv = ["demo", "--quick", "--no-progress", "--threads", "0", "--optimizers", "sam,sgd", "--rho", "0.1",
             "--epochs", "1", "--seeds", "2", "--label-noise", "0.2", "--batch-size", "64", "--hidden", "32",
-            "--schedule", "step", "--out", str(tmp_path)]
+            "--schedule", "step", "--models", "mlp", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     config = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["config"]
     assert config["optimizers"] == ["sam", "sgd"]
     assert (config["rho"], config["epochs"], config["seeds"]) == (0.1, 1, 2)
     assert (config["label_noise"], config["batch_size"], config["hidden"], config["schedule"]) == (0.2, 64, 32, "step")
     assert "SAM (rho=0.1)" in capsys.readouterr().out
+
+
+def test_both_models_by_default_and_the_cnn():
+    # the report layout of several models is checked by the quick run above
+    assert cli.build_parser().parse_args(["demo"]).models == ("mlp", "cnn") == demo.DEFAULT_MODELS
+    assert cli.build_parser().parse_args(["demo", "--models", "CNN"]).models == ("cnn",)
+    model = demo.build_model(64, 10, hidden=16, kind="cnn")
+    convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(1, 16, (3, 3)), (16, 32, (3, 3))]
+    assert model(torch.zeros(5, 64)).shape == (5, 10)
+    with pytest.raises(ValueError):
+        demo.build_model(63, 10, kind="cnn")  # not a square image
+    for argv in (["demo", "--models", "mlp,resnet"], ["demo", "--models", "mlp,mlp"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+    with pytest.raises(ValueError):
+        demo.run_models(DemoConfig(), models=())
+
+
+def test_tune_picks_each_learning_rate_on_a_validation_split(tmp_path, capsys, digits):
+    split = demo.validation_split(digits, 0.2, seed=0)
+    n = len(digits.y_train)
+    assert len(split.y_train) + len(split.y_test) == n and len(split.y_test) == math.ceil(0.2 * n)
+    rows = {tuple(r) for r in digits.x_train.tolist()}
+    fit, val = {tuple(r) for r in split.x_train.tolist()}, {tuple(r) for r in split.x_test.tolist()}
+    assert fit | val == rows and not fit & val  # a partition of the training part, test set untouched
+    argv = ["demo", "--no-progress", "--threads", "0", "--optimizers", "sgd,sam", "--epochs", "1", "--seeds", "1",
+            "--hidden", "16", "--measure-size", "0", "--tune", "--tune-lrs", "0.001,0.05", "--models", "mlp",
+            "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    tuning = results["tuning"]
+    for name in ("sgd", "sam"):
+        scores = tuning["val_accuracy"][name]
+        assert set(scores) == {"0.001", "0.05"}
+        assert tuning["chosen"][name] == float(max(scores, key=scores.get))
+        assert f"tuning {name:>4}:" in out
+    assert dict(results["config"]["optimizer_lrs"]) == tuning["chosen"]
+    assert "(tuned)" in out
+    table = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert {r["optimizer"]: r["lr"] for r in table} == tuning["chosen"]  # the table says which lr ran
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--tune-lrs", "0.1,-1"])
+
+
+def test_no_report_and_no_measures(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["demo", "--no-progress", "--threads", "0", "--optimizers", "sgd", "--epochs", "1", "--seeds", "1",
+            "--hidden", "16", "--measure-size", "0", "--no-report", "--models", "cnn"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "n/a" in out and "wrote" not in out and "CNN 8×8" in out and "==" not in out
+    assert list(tmp_path.iterdir()) == []  # not even the default ./sharpness-report
 
 
 def test_help_and_bad_arguments(capsys):
@@ -197,3 +323,37 @@ def test_config_validation():
         DemoConfig(label_noise=-0.1)
     with pytest.raises(ValueError):
         DemoConfig(schedule="linear")
+
+
+# -- sharpness bench ---------------------------------------------------------------------------------
+
+
+def test_bench_passes_its_arguments_through(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda argv: calls.append(argv) or 0)
+    assert cli.main(["bench", "--quick", "--shapes", "resnet18"]) == 0
+    assert cli.main(["bench", "--", "--help"]) == 0
+    assert calls[0][0] == sys.executable and calls[0][1].endswith("bench_step.py")
+    assert calls[0][2:] == ["--quick", "--shapes", "resnet18"] and calls[1][2:] == ["--help"]
+    # unknown arguments stay an error for the other commands
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--no-such-option"])
+    assert exit_info.value.code == 2
+
+
+def test_bench_quick_runs_from_the_checkout():
+    """``sharpness bench --quick`` for real, reduced further (two small transformer blocks, one
+    repetition) to keep the suite fast: the benchmark's table of ratios comes out."""
+    if cli._bench_script() is None:
+        pytest.skip("benches/bench_step.py is absent: not a source checkout")
+    argv = [sys.executable, "-m", "sharpness", "bench", "--quick", "--shapes", "transformer", "--blocks", "2",
+            "--reps", "1", "--steps", "1", "--warmup", "0", "--threads", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "sharpness.SAM" in done.stdout and "x floor" in done.stdout and "vs 1" in done.stdout
+
+
+def test_bench_outside_a_source_checkout(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_bench_script", lambda: None)
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "source checkout" in capsys.readouterr().err

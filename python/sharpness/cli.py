@@ -3,8 +3,14 @@
 Sub-commands:
 
 - ``demo``: the main job, plain SGD against SAM and ASAM on scikit-learn's digits with 40% of
-  the training labels randomised (see :mod:`sharpness.demo`). ``--quick`` is a smoke test of a
-  few seconds; ``--out DIR`` writes ``DIR/results.json``.
+  the training labels randomised (see :mod:`sharpness.demo`), for an MLP and a small CNN
+  (``--models``), with the sharpness of the final models (m-sharpness, top Hessian eigenvalue).
+  About 2.5 minutes on a 2-core CPU at the defaults; ``--quick`` is a smoke test of seconds.
+  ``--out DIR`` (default ``./sharpness-report``) is the report folder: per model (in
+  ``DIR/<model>/`` when there are several) ``results.json``, ``summary.csv``, ``summary.json``,
+  ``accuracy.png``, ``landscape_1d.png``, ``landscape_2d.png``, and the combined table
+  ``DIR/summary.csv`` and ``DIR/summary.json`` (``--no-report``: none).
+- ``bench``: runs ``benches/bench_step.py`` of a source checkout with the arguments that follow.
 
 This module only parses arguments; the experiment lives in :mod:`sharpness.demo`.
 """
@@ -16,7 +22,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from sharpness.demo import OPTIMIZERS, QUICK, SCHEDULES, DemoConfig
+from sharpness.demo import DEFAULT_MODELS, MODELS, OPTIMIZERS, QUICK, SCHEDULES, DemoConfig
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
 
@@ -29,6 +35,23 @@ def _optimizer_list(text: str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"an optimizer is listed twice: {text!r}")
     return names
+
+
+def _model_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip().lower() for name in text.split(",") if name.strip())
+    if not names or any(name not in MODELS for name in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"choose a comma-separated list of {', '.join(MODELS)}; got {text!r}")
+    return names
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
+    return values
 
 
 def _fraction(text: str) -> float:
@@ -60,11 +83,14 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="SGD vs SAM vs ASAM on digits with noisy labels (the main job)",
         description=(
-            "Trains the same MLP from the same initial weights with SGD (momentum 0.9) and with "
+            "For each network (an MLP and a small CNN by default, about 2.5 minutes on a 2-core CPU), "
+            "trains the same model from the same initial weights with SGD (momentum 0.9) and with "
             "SAM/ASAM around that SGD, on scikit-learn's digits with a fraction of the training "
             "labels randomised (test labels stay clean); prints test accuracy (mean ± std over "
             "seeds), final training loss on the noisy labels, the fraction of wrong labels the "
-            "model memorised, and time per epoch relative to SGD."
+            "model memorised, the sharpness of the final models (m-sharpness, top Hessian "
+            "eigenvalue) and time per epoch relative to SGD; writes a report folder (table as CSV "
+            "and JSON, accuracy curves, filter-normalised 1-D and 2-D loss landscapes as PNG)."
         ),
         formatter_class=_HelpFormatter,
     )
@@ -84,6 +110,9 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--label-noise", type=_fraction, default=d["label_noise"],
                    help="fraction of training labels replaced by a uniformly random class")
     p.add_argument("--hidden", type=_positive_int, default=d["hidden"], help="width of the hidden layers")
+    p.add_argument("--models", type=_model_list, default=",".join(DEFAULT_MODELS),
+                   help=f"comma-separated, from {', '.join(MODELS)} (the CNN: two 3x3 convolutions on the 8x8 "
+                   "images); with several, one report sub-folder each and the combined table in DIR")
     p.add_argument("--depth", type=_positive_int, default=d["depth"], help="number of hidden layers")
     p.add_argument("--seeds", type=_positive_int, default=None,
                    help=f"number of seeds (default {d['seeds']}; --quick: {QUICK['seeds']})")
@@ -92,10 +121,37 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=d["device"], help="torch device (cpu, cuda, mps ...)")
     p.add_argument("--threads", type=int, default=d["threads"],
                    help="CPU threads for torch and the SAM kernels; 0 leaves torch's default")
-    p.add_argument("--out", metavar="DIR", default=None, help="write DIR/results.json")
-    p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 2 epochs (explicit --epochs/--seeds win)")
+    p.add_argument("--measure-size", type=int, default=None,
+                   help=f"training examples the sharpness and the landscapes of the final models are measured on "
+                   f"(0: no measures; default {d['measure_size']}; --quick: {QUICK['measure_size']})")
+    p.add_argument("--measure-rho", type=float, default=d["measure_rho"],
+                   help="radius of the m-sharpness ball, the same for every optimizer")
+    p.add_argument("--measure-m", type=_positive_int, default=d["measure_m"], help="m of m-sharpness (batch size)")
+    p.add_argument("--landscape-steps", type=_positive_int, default=None,
+                   help=f"grid points per axis of the 2-D loss landscape (default {d['landscape_steps']}; "
+                   f"--quick: {QUICK['landscape_steps']})")
+    p.add_argument("--landscape-span", type=float, default=d["landscape_span"],
+                   help="the landscapes cover [-span, span] along each filter-normalised direction")
+    p.add_argument("--out", metavar="DIR", default="sharpness-report",
+                   help="report folder: results.json, summary.csv, summary.json, accuracy.png, landscape_1d.png, "
+                   "landscape_2d.png (in DIR/<model>/ with several models)")
+    p.add_argument("--tune", action="store_true",
+                   help="pick each optimizer's lr from --tune-lrs by accuracy on a validation split "
+                   "of the noisy training set, before the runs")
+    p.add_argument("--tune-lrs", type=_float_list, default=",".join(f"{v:g}" for v in d["tune_lrs"]),
+                   help="comma-separated learning rates tried by --tune")
+    p.add_argument("--no-report", action="store_true", help="print the table only, write nothing")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 1 seed, 2 epochs, 11×11 landscapes, measures on 128 examples (explicit options win)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_demo)
+
+
+def _pick(value: object, name: str, quick: bool) -> object:
+    """An explicit option wins, then ``--quick``'s value, then the default."""
+    if value is not None:
+        return value
+    return QUICK[name] if quick and name in QUICK else _DEFAULTS[name]
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -133,14 +189,59 @@ def _run_demo(args: argparse.Namespace) -> int:
             device=args.device,
             threads=args.threads if args.threads and args.threads > 0 else None,
             progress=not args.no_progress,
+            measure_size=_pick(args.measure_size, "measure_size", args.quick),
+            measure_rho=args.measure_rho,
+            measure_m=args.measure_m,
+            landscape_steps=_pick(args.landscape_steps, "landscape_steps", args.quick),
+            landscape_span=args.landscape_span,
+            tune=args.tune,
+            tune_lrs=args.tune_lrs if isinstance(args.tune_lrs, tuple) else _float_list(args.tune_lrs),
         )
     except ValueError as err:
         print(f"sharpness demo: error: {err}", file=sys.stderr)
         return 2
-    from sharpness.demo import run_demo
+    from sharpness.demo import run_models
 
-    run_demo(config, out_dir=args.out)
+    models = args.models if isinstance(args.models, tuple) else _model_list(args.models)
+    run_models(config, models, out_dir=None if args.no_report else args.out)
     return 0
+
+
+def _bench_script() -> str | None:
+    """``benches/bench_step.py`` of the source checkout this package runs from, if any."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, "benches", "bench_step.py")
+    return path if os.path.isfile(path) else None
+
+
+def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time one SAM step against torch implementations (benches/bench_step.py, source checkout only)",
+        description="Runs benches/bench_step.py of the source checkout with every argument that follows "
+        "(try: sharpness bench --quick, sharpness bench -- --help).",
+        add_help=False,
+    )
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    script = _bench_script()
+    if script is None:
+        print(
+            "sharpness bench: error: benches/bench_step.py is not part of an installed package; "
+            "run it from a source checkout (git clone, then pip install -e .)",
+            file=sys.stderr,
+        )
+        return 2
+    extra = list(args.extra)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    return subprocess.call([sys.executable, script, *extra])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,13 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     _add_demo_parser(subparsers)
+    _add_bench_parser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 on success)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2

@@ -12,17 +12,27 @@ The experiment, for every seed and every optimizer:
   on the training part, both with ``data_seed``; then a fraction ``label_noise`` of the *training*
   labels replaced by a label drawn uniformly from the 10 classes (so about 1/10 of them stay
   right). Test labels stay clean;
-- the same MLP, from the same initial weights for a given seed, seeing the same mini-batches in
-  the same order; the same learning rate, momentum, epochs and LR schedule for every optimizer;
+- the same network (an MLP, or a small CNN on the 8×8 images; ``--models`` runs both), from
+  the same initial weights for a given seed, seeing the same mini-batches in the same order;
+  the same learning rate, momentum, epochs and LR schedule for every optimizer;
 - at the end: test accuracy, training loss and accuracy on the noisy labels, and how many of the
   wrong training labels the model reproduces (memorisation), plus the median seconds per epoch
   (training only, evaluation excluded).
 
+- the sharpness of every final model (:mod:`sharpness.measure`), on a fixed training subset
+  (the first ``measure_size`` examples, noisy labels): m-sharpness with one radius for every
+  optimizer, and the top eigenvalue of the Hessian;
+- with a report folder: filter-normalised 1-D and 2-D loss landscapes (Li et al., NeurIPS 2018)
+  of the first seed's final models, same directions seed and same grid, plotted on one scale.
+
 The pieces are separate so that the experiment can grow (more models, datasets, measures of
-sharpness, plots): :func:`load_noisy_digits` builds the data, :func:`build_model` the network,
-:func:`make_optimizer` the optimizer, :func:`train_run` one training run, :func:`run_demo` the
-grid of runs, :func:`summarize` and :func:`format_table` the report. :mod:`sharpness.cli` only
-parses arguments and calls :func:`run_demo`.
+sharpness, plots): :func:`load_noisy_digits` builds the data, :func:`build_model` the network
+(``mlp`` or ``cnn``), :func:`make_optimizer` the optimizer, :func:`train_run` one training run,
+:func:`measure_model` its sharpness, :func:`tune_learning_rates` the optional choice of learning
+rates on a validation split, :func:`run_demo` the grid of runs, :func:`summarize`,
+:func:`format_table`, :func:`landscapes_of` and :func:`write_report` (CSV, JSON, PNG through
+:mod:`sharpness.plots`) the report. :mod:`sharpness.cli` only parses arguments and calls
+:func:`run_demo`.
 """
 
 from __future__ import annotations
@@ -43,8 +53,16 @@ from torch import Tensor, nn
 
 OPTIMIZERS = ("sgd", "sam", "asam")
 #: The final metrics of a run, summarised over seeds.
-METRICS = ("test_accuracy", "train_loss", "train_accuracy", "train_accuracy_clean", "memorized", "seconds_per_epoch")
+METRICS = (
+    "test_accuracy", "train_loss", "train_accuracy", "train_accuracy_clean", "memorized", "seconds_per_epoch",
+    "m_sharpness", "lambda_max",
+)
 SCHEDULES = ("cosine", "step", "constant")
+MODELS = ("mlp", "cnn")
+#: ``sharpness demo`` runs both networks unless ``--models`` says otherwise: about 2.5 minutes on a
+#: 2-core CPU at the defaults (3 seeds × 3 optimizers × 40 epochs each, measures and landscapes
+#: included), well inside the 5-minute budget of the main job.
+DEFAULT_MODELS = MODELS
 NUM_CLASSES = 10
 
 
@@ -65,6 +83,7 @@ class DemoConfig:
     test_fraction: float = 0.3
     hidden: int = 256
     depth: int = 2
+    model: str = "mlp"  # or "cnn": two 3×3 convolutions on the 8×8 images (see build_model)
     seeds: int = 3
     first_seed: int = 0
     data_seed: int = 0
@@ -72,6 +91,23 @@ class DemoConfig:
     device: str = "cpu"
     threads: int | None = 1
     progress: bool = True
+    # sharpness of the final models (sharpness.measure), on the first measure_size training
+    # examples (noisy labels, the objective that was minimised); 0 switches the measures off
+    measure_size: int = 512
+    measure_m: int = 128  # m of m-sharpness: the batch size of each ascent
+    measure_rho: float = 0.1  # the same radius for every optimizer, SAM's ball (not ASAM's)
+    measure_steps: int = 5  # projected gradient-ascent steps of m-sharpness
+    hessian_iters: int = 20  # power iterations for the top Hessian eigenvalue
+    # filter-normalised loss landscapes of the first seed's final models (with --out)
+    landscape_span: float = 1.0
+    landscape_steps: int = 21  # grid points per axis (the 1-D curve has 2·steps − 1)
+    landscape_seed: int = 0  # the random directions: the same numbers for every model
+    # --tune: each optimizer's learning rate picked from tune_lrs by accuracy on a validation split
+    # of the (noisy) training set; optimizer_lrs then holds the choices and overrides lr
+    tune: bool = False
+    tune_lrs: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
+    val_fraction: float = 0.2
+    optimizer_lrs: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.optimizers if name not in OPTIMIZERS]
@@ -79,25 +115,35 @@ class DemoConfig:
             raise ValueError(f"optimizers must be a non-empty list of {OPTIMIZERS}, got {list(self.optimizers)}")
         if len(set(self.optimizers)) != len(self.optimizers):
             raise ValueError(f"optimizers listed twice: {list(self.optimizers)}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0.0 <= self.label_noise <= 1.0:
             raise ValueError(f"label_noise must be in [0, 1], got {self.label_noise}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        for name in ("epochs", "batch_size", "hidden", "depth", "seeds"):
+        for name in ("epochs", "batch_size", "hidden", "depth", "seeds", "measure_m", "measure_steps",
+                     "hessian_iters", "landscape_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        for name in ("lr", "rho", "asam_rho", "asam_eta", "momentum", "weight_decay"):
+        if not self.tune_lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.tune_lrs):
+            raise ValueError(f"tune_lrs must be finite numbers > 0, got {list(self.tune_lrs)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.measure_size < 0:
+            raise ValueError(f"measure_size must be >= 0, got {self.measure_size}")
+        for name in ("lr", "rho", "asam_rho", "asam_eta", "momentum", "weight_decay", "measure_rho",
+                     "landscape_span"):
             value = getattr(self, name)
             if not (value >= 0.0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
 
 #: ``--quick``: a smoke test that exercises every code path in seconds.
-QUICK = dict(epochs=2, seeds=1)
+QUICK = dict(epochs=2, seeds=1, landscape_steps=11, measure_size=128)
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -186,8 +232,27 @@ def load_noisy_digits(label_noise: float = 0.4, test_fraction: float = 0.3, seed
 # -- model and optimizers -------------------------------------------------------------------------
 
 
-def build_model(in_features: int, num_classes: int, hidden: int = 256, depth: int = 2) -> nn.Module:
-    """An MLP: ``depth`` hidden layers of width ``hidden`` with ReLU (64→256→256→10 by default)."""
+def build_model(
+    in_features: int, num_classes: int, hidden: int = 256, depth: int = 2, kind: str = "mlp"
+) -> nn.Module:
+    """``kind="mlp"``: ``depth`` hidden layers of width ``hidden`` with ReLU (64→256→256→10 by
+    default). ``kind="cnn"``: the features as a one-channel square image (8×8 for digits),
+    3×3 convolutions to 16 then 32 channels with ReLU, 2×2 max pooling, then one hidden layer of
+    width ``hidden`` (``depth`` is not used)."""
+    if kind == "cnn":
+        side = math.isqrt(in_features)
+        if side * side != in_features or side % 2:
+            raise ValueError(f"the cnn needs square images of even side, got {in_features} features")
+        return nn.Sequential(
+            nn.Unflatten(1, (1, side, side)),
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(32 * (side // 2) ** 2, hidden), nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+    if kind != "mlp":
+        raise ValueError(f"unknown model {kind!r}; choose from {MODELS}")
     layers: list[nn.Module] = []
     width = in_features
     for _ in range(depth):
@@ -197,17 +262,80 @@ def build_model(in_features: int, num_classes: int, hidden: int = 256, depth: in
     return nn.Sequential(*layers)
 
 
+def describe_model(config: DemoConfig, features: int = 64, num_classes: int = NUM_CLASSES) -> str:
+    """One line: the network's shape."""
+    if config.model == "cnn":
+        side = math.isqrt(features)
+        return f"CNN {side}×{side}→conv16→conv32→pool→{config.hidden}→{num_classes}"
+    return f"MLP {features}→" + "→".join([str(config.hidden)] * config.depth) + f"→{num_classes}"
+
+
 def initial_state(config: DemoConfig, data: Dataset, seed: int) -> dict[str, Tensor]:
     """The initial weights of ``seed``: every optimizer of a seed starts from these."""
     torch.manual_seed(seed)
-    model = build_model(data.x_train.shape[1], data.num_classes, config.hidden, config.depth)
+    model = build_model(data.x_train.shape[1], data.num_classes, config.hidden, config.depth, config.model)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def learning_rate(name: str, config: DemoConfig) -> float:
+    """``name``'s learning rate: the tuned one (``optimizer_lrs``) if any, else ``lr``."""
+    return dict(config.optimizer_lrs).get(name, config.lr)
+
+
+def validation_split(data: Dataset, fraction: float, seed: int) -> Dataset:
+    """The training part split again (stratified on the noisy labels, ``seed``): a Dataset whose
+    ``x_train``/``y_train`` are the rest and whose ``x_test``/``y_test`` are the validation
+    examples with their *noisy* labels, as a practitioner, who never sees the clean labels,
+    would have them."""
+    from sklearn.model_selection import train_test_split
+
+    index = torch.arange(len(data.y_train))
+    fit, val = train_test_split(
+        index.numpy(), test_size=fraction, random_state=seed, stratify=data.y_train.cpu().numpy()
+    )
+    fit, val = torch.as_tensor(fit), torch.as_tensor(val)
+    return replace(
+        data,
+        x_train=data.x_train[fit], y_train=data.y_train[fit], y_train_clean=data.y_train_clean[fit],
+        noisy_mask=data.noisy_mask[fit], x_test=data.x_train[val], y_test=data.y_train[val],
+        info={**data.info, "train_size": len(fit), "test_size": len(val)},
+    )
+
+
+def tune_learning_rates(
+    config: DemoConfig, data: Dataset, print_fn: Callable[[str], None] = print, progress: Any = None
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """For every optimizer, trains on the rest of a validation split (:func:`validation_split`,
+    ``val_fraction``, first seed, no sharpness measures) with every learning rate of
+    ``tune_lrs``, and picks the one with the best final validation accuracy (noisy labels; ties
+    go to the smaller rate). Returns ``(chosen, scores)``, ``scores[name][str(lr)]`` the accuracies."""
+    split = validation_split(data, config.val_fraction, config.data_seed)
+    trial = replace(config, measure_size=0, optimizer_lrs=(), tune=False)
+    init = initial_state(trial, split, config.first_seed)
+    progress = progress or _progress_factory(False)
+    chosen, scores = {}, {}
+    total = len(config.optimizers) * len(config.tune_lrs)
+    with progress(total=total, desc="tuning lr", unit="run", leave=False) as bar:
+        for name in config.optimizers:
+            scores[name] = {}
+            for lr in sorted(config.tune_lrs):
+                run = train_run(replace(trial, lr=lr), split, name, config.first_seed, init=init)
+                score = run["test_accuracy"]
+                scores[name][repr(lr)] = score if math.isfinite(score) else 0.0
+                bar.update(1)
+            chosen[name] = float(max(scores[name], key=lambda k: (scores[name][k], -float(k))))
+            print_fn(
+                f"tuning {name:>4}: validation accuracy (noisy labels) "
+                + ", ".join(f"lr {float(k):g}: {100 * v:.1f}%" for k, v in scores[name].items())
+                + f" -> lr {chosen[name]:g}"
+            )
+    return chosen, scores
 
 
 def make_optimizer(name: str, params: Any, config: DemoConfig) -> torch.optim.Optimizer:
     """``sgd``: ``torch.optim.SGD``; ``sam``: :class:`sharpness.SAM` around it with ``rho``;
     ``asam``: the same with ``adaptive=True``, ``asam_rho`` and ``asam_eta``. Same base settings."""
-    base = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    base = dict(lr=learning_rate(name, config), momentum=config.momentum, weight_decay=config.weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, **base)
     from sharpness import SAM
@@ -252,16 +380,19 @@ def train_run(
     seed: int,
     init: dict[str, Tensor] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    keep_model: bool = False,
 ) -> dict[str, Any]:
     """Trains one model with one optimizer and returns its final metrics and per-epoch history.
 
     ``init`` (from :func:`initial_state`) gives the starting weights; the mini-batch order comes
-    from ``seed`` alone, so every optimizer of a seed sees the same batches.
+    from ``seed`` alone, so every optimizer of a seed sees the same batches. The final model's
+    sharpness is measured by :func:`measure_model` (not counted in the time per epoch);
+    ``keep_model=True`` adds the trained model under ``"model"``.
     """
     device = torch.device(config.device)
     if init is None:
         init = initial_state(config, data, seed)
-    model = build_model(data.x_train.shape[1], data.num_classes, config.hidden, config.depth)
+    model = build_model(data.x_train.shape[1], data.num_classes, config.hidden, config.depth, config.model)
     model.load_state_dict(init)
     model.to(device)
     optimizer = make_optimizer(optimizer_name, model.parameters(), config)
@@ -312,7 +443,9 @@ def train_run(
     wrong = data.noisy_mask.to(device) & (y_train != data.y_train_clean.to(device))
     memorized = (predicted[wrong] == y_train[wrong]).float().mean().item() if wrong.any() else None
     clean_accuracy = (predicted == data.y_train_clean.to(device)).float().mean().item()
-    return {
+    model.train()
+    sharp = measure_model(model, data, config)
+    result = {
         "optimizer": optimizer_name,
         "seed": seed,
         "test_accuracy": test_accuracy,
@@ -323,7 +456,39 @@ def train_run(
         "memorized": memorized,  # fraction of the wrong labels the model reproduces (None: none)
         # the median: robust to the first epoch's warm-up and to other work on a shared machine
         "seconds_per_epoch": statistics.median(history["epoch_seconds"]),
+        **sharp,
         "history": history,
+    }
+    if keep_model:
+        result["model"] = model
+    return result
+
+
+def measurement_batches(data: Dataset, config: DemoConfig) -> list[tuple[Tensor, Tensor]]:
+    """The fixed training subset the sharpness is measured on: the first ``measure_size``
+    training examples with their (noisy) labels, in batches of ``measure_m``."""
+    n = min(config.measure_size, data.x_train.shape[0])
+    x, y = data.x_train[:n], data.y_train[:n]
+    return [(x[i : i + config.measure_m], y[i : i + config.measure_m]) for i in range(0, n, config.measure_m)]
+
+
+def measure_model(model: nn.Module, data: Dataset, config: DemoConfig) -> dict[str, float | None]:
+    """m-sharpness (radius ``measure_rho``, batches of ``measure_m``, ``measure_steps`` ascent
+    steps) and the top Hessian eigenvalue (``hessian_iters`` power iterations, tolerance 1e-3,
+    directions seeded) of ``model`` on :func:`measurement_batches`; None when switched off."""
+    if config.measure_size == 0:
+        return {"m_sharpness": None, "lambda_max": None}
+    from sharpness import measure
+
+    batches = measurement_batches(data, config)
+    generator = torch.Generator().manual_seed(config.landscape_seed)
+    return {
+        "m_sharpness": measure.m_sharpness(
+            model, F.cross_entropy, batches, rho=config.measure_rho, steps=config.measure_steps, generator=generator
+        ),
+        "lambda_max": measure.hessian_max_eigenvalue(
+            model, F.cross_entropy, batches, iters=config.hessian_iters, tol=1e-3, generator=generator
+        ),
     }
 
 
@@ -371,10 +536,12 @@ def _label(name: str, config: DemoConfig) -> str:
 
 def format_table(summary: dict[str, dict[str, Any]], config: DemoConfig) -> str:
     """The printed report: one row per optimizer."""
-    headers = ("optimizer", "test acc (%)", "train loss (noisy)", "memorized (%)", "time/epoch")
+    headers = ("optimizer", "test acc (%)", "train loss (noisy)", "memorized (%)", "m-sharpness",
+               "λ_max", "time/epoch")
     rows = []
     for name, entry in summary.items():
         acc, loss, mem = entry["test_accuracy"], entry["train_loss"], entry["memorized"]
+        sharp, top = entry["m_sharpness"], entry["lambda_max"]
         relative = entry["relative_time"]
         rows.append(
             (
@@ -382,6 +549,8 @@ def format_table(summary: dict[str, dict[str, Any]], config: DemoConfig) -> str:
                 f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}",
                 f"{loss['mean']:.3f} ± {loss['std']:.3f}",
                 "n/a" if mem["mean"] is None else f"{100 * mem['mean']:.1f}",
+                "n/a" if sharp["mean"] is None else f"{sharp['mean']:.4f} ± {sharp['std']:.4f}",
+                "n/a" if top["mean"] is None else f"{top['mean']:.3f} ± {top['std']:.3f}",
                 ("n/a" if relative is None else f"{relative:.2f}x")
                 + f" ({1000 * entry['seconds_per_epoch']['mean']:.0f} ms)",
             )
@@ -392,10 +561,23 @@ def format_table(summary: dict[str, dict[str, Any]], config: DemoConfig) -> str:
     out += [line(row) for row in rows]
     seeds = next(iter(summary.values()))["seeds"]
     out.append(
-        f"mean ± std over {seeds} seed(s); {config.epochs} epochs, lr {config.lr:g}, batch "
+        f"mean ± std over {seeds} seed(s); {config.epochs} epochs, "
+        + (
+            "lr " + ", ".join(f"{n} {learning_rate(n, config):g}" for n in summary) + " (tuned)"
+            if config.optimizer_lrs
+            else f"lr {config.lr:g}"
+        )
+        + f", batch "
         f"{config.batch_size}, {config.schedule} schedule, {100 * config.label_noise:g}% of the "
         "training labels randomised\nmemorized: the wrong training labels the model reproduces; "
         f"time: median per epoch, relative to {_label(time_reference(list(summary)), config)}"
+        + (
+            f"\nsharpness of the final models on {config.measure_size} training examples (noisy labels): "
+            f"m-sharpness with rho={config.measure_rho:g}, m={config.measure_m}, {config.measure_steps} "
+            f"ascent steps; λ_max: top Hessian eigenvalue, {config.hessian_iters} power iterations"
+            if config.measure_size
+            else ""
+        )
     )
     return "\n".join(out)
 
@@ -410,14 +592,20 @@ def run_demo(
     set_threads(config.threads)
     data = load_noisy_digits(config.label_noise, config.test_fraction, config.data_seed).to(config.device)
     info = data.info
+    tuning = None
+    if config.tune:
+        chosen, scores = tune_learning_rates(config, data, print_fn, _progress_factory(config.progress))
+        config = replace(config, optimizer_lrs=tuple(chosen.items()))
+        tuning = {"lrs": list(config.tune_lrs), "val_fraction": config.val_fraction, "chosen": chosen,
+                  "val_accuracy": scores}
     print_fn(
         f"digits: {info['train_size']} train / {info['test_size']} test; {info['randomized']} training "
-        f"labels randomised ({info['wrong_labels']} now wrong); MLP {info['features']}→"
-        + "→".join([str(config.hidden)] * config.depth)
-        + f"→{data.num_classes}; {config.seeds} seed(s) × {', '.join(config.optimizers)}"
+        f"labels randomised ({info['wrong_labels']} now wrong); {describe_model(config, info['features'])}; "
+        f"{config.seeds} seed(s) × {', '.join(config.optimizers)}"
     )
     progress = _progress_factory(config.progress)
     runs = []
+    final_models: dict[str, nn.Module] = {}
     started = time.perf_counter()
     for seed in range(config.first_seed, config.first_seed + config.seeds):
         init = initial_state(config, data, seed)
@@ -428,12 +616,17 @@ def run_demo(
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", test_acc=f"{metrics['test_acc']:.3f}")
                     bar.update(1)
 
-                run = train_run(config, data, name, seed, init=init, on_epoch=on_epoch)
+                run = train_run(config, data, name, seed, init=init, on_epoch=on_epoch,
+                                keep_model=out_dir is not None and seed == config.first_seed
+                                and config.measure_size > 0)
+            if "model" in run:
+                final_models[name] = run.pop("model")
             runs.append(run)
             print_fn(
                 f"{name:>4} seed {seed}: test acc {100 * run['test_accuracy']:.2f}%, train loss "
                 f"{run['train_loss']:.3f}, {run['seconds_per_epoch'] * 1000:.0f} ms/epoch"
             )
+    landscapes = landscapes_of(final_models, data, config, progress) if final_models else None
     wall = time.perf_counter() - started
     summary = summarize(runs, config.optimizers)
     print_fn("")
@@ -452,13 +645,167 @@ def run_demo(
         "summary": summary,
         "wall_seconds": wall,
     }
+    if tuning is not None:
+        results["tuning"] = tuning
+    if landscapes is not None:
+        results["landscapes"] = landscapes
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "results.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(_finite(results), f, indent=2, allow_nan=False)
-        print_fn(f"wrote {path}")
+        write_report(results, config, out_dir, print_fn)
     return results
+
+
+def run_models(
+    config: DemoConfig,
+    models: Sequence[str] = DEFAULT_MODELS,
+    out_dir: str | os.PathLike[str] | None = None,
+    print_fn: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
+    """:func:`run_demo` for every network of ``models`` (``config.model`` replaced), in order.
+
+    The report: with one model, ``out_dir`` holds its files; with several, ``out_dir/<model>/``
+    holds each one's and ``out_dir`` itself ``summary.csv`` and ``summary.json`` with the rows of
+    every model (a ``model`` column first). Returns ``{model: results}``."""
+    if not models:
+        raise ValueError("models is empty")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or len(set(models)) != len(models):
+        raise ValueError(f"models must be distinct names from {MODELS}, got {list(models)}")
+    several = len(models) > 1
+    results: dict[str, dict[str, Any]] = {}
+    for model in models:
+        if several:
+            print_fn(f"== {model} ==")
+        sub = None if out_dir is None else (os.path.join(out_dir, model) if several else out_dir)
+        results[model] = run_demo(replace(config, model=model), out_dir=sub, print_fn=print_fn)
+    if several and out_dir is not None:
+        rows = []
+        for model, r in results.items():
+            tuned = tuple((name, float(lr)) for name, lr in r["config"]["optimizer_lrs"])
+            rows += table_rows(r["summary"], replace(config, model=model, optimizer_lrs=tuned), model=model)
+        for path in write_table(rows, out_dir):
+            print_fn(f"wrote {path}")
+    return results
+
+
+def landscapes_of(
+    models: dict[str, nn.Module], data: Dataset, config: DemoConfig, progress: Callable[..., Any] | None = None
+) -> dict[str, Any]:
+    """1-D and 2-D filter-normalised loss landscapes (:mod:`sharpness.measure`) of the given final
+    models on :func:`measurement_batches` (all of it as one batch): the same grid for every
+    model, directions drawn from the same seed (``landscape_seed``), each normalised to its own
+    model's filters. Returns JSON-ready lists."""
+    from sharpness import measure
+
+    x = data.x_train[: config.measure_size]
+    y = data.y_train[: config.measure_size]
+    batches = [(x, y)]
+    out: dict[str, Any] = {"span": config.landscape_span, "seed": config.landscape_seed, "1d": {}, "2d": {}}
+    progress = progress or _progress_factory(False)
+    with progress(total=len(models), desc="landscapes", unit="model", leave=False) as bar:
+        for name, model in models.items():
+            model.eval()
+            line = measure.loss_landscape_1d(
+                model, F.cross_entropy, batches, steps=2 * config.landscape_steps - 1, span=config.landscape_span,
+                generator=torch.Generator().manual_seed(config.landscape_seed),
+            )
+            plane = measure.loss_landscape_2d(
+                model, F.cross_entropy, batches, steps=config.landscape_steps, span=config.landscape_span,
+                generator=torch.Generator().manual_seed(config.landscape_seed + 1),
+            )
+            out["1d"][name] = {"alphas": line["alphas"].tolist(), "losses": line["losses"].tolist()}
+            out["2d"][name] = {
+                "alphas": plane["alphas"].tolist(), "betas": plane["betas"].tolist(),
+                "losses": plane["losses"].tolist(),
+            }
+            bar.update(1)
+    return out
+
+
+#: The columns of ``summary.csv``: one row per optimizer, the mean and std over seeds of each.
+CSV_METRICS = METRICS
+
+
+def table_rows(
+    summary: dict[str, dict[str, Any]], config: DemoConfig, model: str | None = None
+) -> list[dict[str, Any]]:
+    """The table as flat records, one per optimizer (the rows of ``summary.csv`` and
+    ``summary.json``): ``model`` (when given), ``optimizer``, ``label``, ``lr``, ``seeds``, then
+    ``<metric>_mean`` and ``<metric>_std`` for every metric of :data:`CSV_METRICS` (None where
+    not measured) and ``relative_time`` (seconds per epoch over SGD's)."""
+    rows = []
+    for name, entry in summary.items():
+        row: dict[str, Any] = {} if model is None else {"model": model}
+        row.update(optimizer=name, label=_label(name, config), lr=learning_rate(name, config), seeds=entry["seeds"])
+        for metric in CSV_METRICS:
+            for stat in ("mean", "std"):
+                row[f"{metric}_{stat}"] = entry[metric][stat]
+        row["relative_time"] = entry["relative_time"]
+        rows.append(row)
+    return rows
+
+
+def write_table(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -> list[str]:
+    """Writes ``rows`` (from :func:`table_rows`) as ``summary.csv`` and ``summary.json`` into
+    ``out_dir``; returns the two paths."""
+    import csv
+
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "summary.csv")
+    with open(csv_path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    json_path = os.path.join(out_dir, "summary.json")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(_finite(list(rows)), f, indent=2, allow_nan=False)
+    return [csv_path, json_path]
+
+
+def write_report(
+    results: dict[str, Any], config: DemoConfig, out_dir: str | os.PathLike[str],
+    print_fn: Callable[[str], None] = print,
+) -> list[str]:
+    """Writes into ``out_dir``: ``results.json`` (everything), ``summary.csv`` and
+    ``summary.json`` (the table, one row per optimizer, :func:`table_rows`), ``accuracy.png``
+    (test accuracy per epoch, mean ± std over seeds) and, when the results hold landscapes,
+    ``landscape_1d.png`` and ``landscape_2d.png`` (one colour scale). Returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_finite(results), f, indent=2, allow_nan=False)
+    written.append(path)
+    written += write_table(table_rows(results["summary"], config), out_dir)
+    try:
+        from sharpness import plots
+    except ImportError as err:  # pragma: no cover - matplotlib missing
+        print_fn(f"no plots: {err}")
+    else:
+        labels = {name: _label(name, config) for name in config.optimizers}
+        histories = {
+            name: [r["history"]["test_accuracy"] for r in results["runs"] if r["optimizer"] == name]
+            for name in config.optimizers
+        }
+        noise = f"{config.model.upper()}, {100 * config.label_noise:g}% label noise"
+        path = os.path.join(out_dir, "accuracy.png")
+        plots.plot_accuracy(histories, labels, path, title=f"digits, {noise}: test accuracy per epoch")
+        written.append(path)
+        landscapes = results.get("landscapes")
+        if landscapes:
+            seed = config.first_seed
+            path = os.path.join(out_dir, "landscape_1d.png")
+            plots.plot_landscape_1d(landscapes["1d"], labels, path,
+                                    title=f"1-D loss landscape of the final models (seed {seed}, {noise})")
+            written.append(path)
+            path = os.path.join(out_dir, "landscape_2d.png")
+            plots.plot_landscape_2d(landscapes["2d"], labels, path,
+                                    title=f"2-D loss landscape of the final models (seed {seed}, {noise}), "
+                                    "filter-normalised directions, one colour scale")
+            written.append(path)
+    for path in written:
+        print_fn(f"wrote {path}")
+    return written
 
 
 def _finite(value: Any) -> Any:

@@ -1,0 +1,137 @@
+"""The demo's figures, drawn with matplotlib's Agg backend (files only, no display needed).
+
+- :func:`plot_accuracy`: test accuracy per epoch, one line per optimizer, mean ± std over seeds;
+- :func:`plot_landscape_1d`: the loss along one filter-normalised random direction
+  (:func:`sharpness.measure.loss_landscape_1d`) of several final models, on one axes;
+- :func:`plot_landscape_2d`: the loss on a filter-normalised random plane
+  (:func:`sharpness.measure.loss_landscape_2d`) of several final models side by side, with one
+  colour scale (the same logarithmic levels and norm) so that the panels compare directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+COLORS = {"sgd": "tab:blue", "sam": "tab:orange", "asam": "tab:green"}
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("the report's plots need matplotlib: python -m pip install matplotlib") from err
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(
+    histories: Mapping[str, Sequence[Sequence[float]]],
+    labels: Mapping[str, str],
+    path: str | os.PathLike[str],
+    title: str = "",
+) -> Any:
+    """``histories[name]``: one list of per-epoch test accuracies (fractions) per seed. Draws the
+    mean over seeds in percent with a ± one standard deviation band, writes ``path``, returns the
+    figure (closed)."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for name, runs in histories.items():
+        values = 100 * np.asarray(runs, dtype=float)
+        epochs = np.arange(1, values.shape[1] + 1)
+        mean = values.mean(axis=0)
+        std = values.std(axis=0, ddof=1) if values.shape[0] > 1 else np.zeros_like(mean)
+        color = COLORS.get(name)
+        ax.plot(epochs, mean, color=color, label=f"{labels.get(name, name)} ({values.shape[0]} seeds)")
+        ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%), mean ± std")
+    ax.set_title(title or "test accuracy per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return fig
+
+
+def plot_landscape_1d(
+    curves: Mapping[str, Mapping[str, Any]],
+    labels: Mapping[str, str],
+    path: str | os.PathLike[str],
+    title: str = "",
+) -> Any:
+    """``curves[name]``: a :func:`~sharpness.measure.loss_landscape_1d` result. One axes, a
+    logarithmic loss axis shared by every curve; writes ``path``, returns the figure (closed)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for name, curve in curves.items():
+        ax.plot([float(a) for a in curve["alphas"]], [float(v) for v in curve["losses"]],
+                color=COLORS.get(name), label=labels.get(name, name))
+    ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+    ax.set_xlabel("α  (w + α·d, d filter-normalised, the same random numbers for every model)")
+    ax.set_ylabel("training loss (noisy labels)")
+    ax.set_title(title or "1-D loss landscape")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return fig
+
+
+def plot_landscape_2d(
+    surfaces: Mapping[str, Mapping[str, Any]],
+    labels: Mapping[str, str],
+    path: str | os.PathLike[str],
+    title: str = "",
+    levels: int = 25,
+) -> Any:
+    """``surfaces[name]``: a :func:`~sharpness.measure.loss_landscape_2d` result (the same grid
+    for all). Filled contours side by side with the same logarithmic levels and colour norm over
+    all panels, one colour bar; writes ``path``, returns the figure (closed), whose
+    ``sharpness_clims`` lists each panel's ``(vmin, vmax)`` (all equal)."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    grids = {name: np.asarray(s["losses"], dtype=float) for name, s in surfaces.items()}
+    finite = np.concatenate([g[np.isfinite(g)].ravel() for g in grids.values()])
+    low = max(float(finite.min()), 1e-6)
+    high = max(float(finite.max()), low * 1.0001)
+    bounds = np.geomspace(low, high, levels)
+    norm = LogNorm(vmin=low, vmax=high)
+    n = len(grids)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 1.4, 4.0), dpi=110, squeeze=False, sharey=True,
+                             layout="constrained")
+    sets = []
+    for ax, (name, grid) in zip(axes[0], grids.items()):
+        s = surfaces[name]
+        a, b = np.asarray(s["alphas"], dtype=float), np.asarray(s["betas"], dtype=float)
+        clipped = np.clip(np.nan_to_num(grid, nan=high, posinf=high), low, high)
+        cs = ax.contourf(a, b, clipped.T, levels=bounds, norm=norm, cmap="viridis", extend="neither")
+        ax.contour(a, b, clipped.T, levels=bounds[::3], colors="white", linewidths=0.4, alpha=0.6)
+        ax.plot([0], [0], marker="+", color="red", markersize=10)
+        ax.set_title(f"{labels.get(name, name)}\ncentre {grid[len(a) // 2, len(b) // 2]:.3f}, "
+                     f"max {grid.max():.2f}", fontsize=9)
+        ax.set_xlabel("α (direction 1)")
+        ax.set_aspect("equal")
+        sets.append(cs)
+    axes[0][0].set_ylabel("β (direction 2)")
+    bar = fig.colorbar(sets[0], ax=list(axes[0]), shrink=0.9, ticks=bounds[::4], format="%.3g")
+    bar.minorticks_off()
+    bar.set_label("training loss (log scale, shared)")
+    fig.suptitle(title or "2-D loss landscape, filter-normalised directions", fontsize=10)
+    fig.sharpness_clims = [tuple(float(v) for v in cs.get_clim()) for cs in sets]
+    fig.savefig(path)
+    plt.close(fig)
+    return fig
