@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-OPTIMIZERS = ("sgd", "sam", "asam")
+OPTIMIZERS = ("sgd", "sam", "asam", "looksam", "everyk")
 #: The final metrics of a run, summarised over seeds.
 METRICS = (
     "test_accuracy", "train_loss", "train_accuracy", "train_accuracy_clean", "memorized", "seconds_per_epoch",
@@ -334,7 +334,9 @@ def tune_learning_rates(
 
 def make_optimizer(name: str, params: Any, config: DemoConfig) -> torch.optim.Optimizer:
     """``sgd``: ``torch.optim.SGD``; ``sam``: :class:`sharpness.SAM` around it with ``rho``;
-    ``asam``: the same with ``adaptive=True``, ``asam_rho`` and ``asam_eta``. Same base settings."""
+    ``asam``: the same with ``adaptive=True``, ``asam_rho`` and ``asam_eta``; ``looksam`` and
+    ``everyk``: :class:`sharpness.LookSAM` (k=5, α=0.7) and :class:`sharpness.EveryKSAM` (k=2)
+    with ``rho``. Same base settings."""
     base = dict(lr=learning_rate(name, config), momentum=config.momentum, weight_decay=config.weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, **base)
@@ -344,6 +346,14 @@ def make_optimizer(name: str, params: Any, config: DemoConfig) -> torch.optim.Op
         return SAM(params, torch.optim.SGD, rho=config.rho, **base)
     if name == "asam":
         return SAM(params, torch.optim.SGD, rho=config.asam_rho, adaptive=True, eta=config.asam_eta, **base)
+    if name == "looksam":  # the paper's defaults: a SAM step every 5, alpha 0.7
+        from sharpness import LookSAM
+
+        return LookSAM(params, torch.optim.SGD, k=5, alpha=0.7, rho=config.rho, **base)
+    if name == "everyk":  # the baseline of the efficient variants: SAM every 2nd step
+        from sharpness import EveryKSAM
+
+        return EveryKSAM(params, torch.optim.SGD, k=2, rho=config.rho, **base)
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
@@ -531,6 +541,10 @@ def _label(name: str, config: DemoConfig) -> str:
         return f"SAM (rho={config.rho:g})"
     if name == "asam":
         return f"ASAM (rho={config.asam_rho:g}, eta={config.asam_eta:g})"
+    if name == "looksam":
+        return f"LookSAM (rho={config.rho:g}, k=5, alpha=0.7)"
+    if name == "everyk":
+        return f"SAM every 2 steps (rho={config.rho:g})"
     return "SGD"
 
 
