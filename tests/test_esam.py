@@ -266,3 +266,48 @@ def test_bad_arguments():
             sharpness.ESAM(params(), torch.optim.SGD, beta=bad, lr=0.1)
         with pytest.raises(ValueError, match="gamma"):
             sharpness.ESAM(params(), torch.optim.SGD, gamma=bad, lr=0.1)
+
+
+# -- a maximizing base optimizer: ESAM on −L ----------------------------------------------------
+
+
+def test_select_with_maximize_keeps_the_largest_rises_of_minus_the_loss():
+    # maximize=True perturbs along −g (SAM on −L), so the sharpest samples are those whose −L
+    # rose most: L_i(w) − L_i(w + e) largest.
+    opt = sharpness.ESAM(make_model().parameters(), torch.optim.SGD, gamma=0.25, lr=0.1, maximize=True)
+    gen = torch.Generator().manual_seed(3)
+    before, after = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    rise_of_minus_loss = [float(b - a) for b, a in zip(before, after)]
+    expected = sorted(sorted(range(16), key=lambda i: -rise_of_minus_loss[i])[:4])
+    rise_of_loss_choice = sorted(sorted(range(16), key=lambda i: rise_of_minus_loss[i])[:4])
+    assert expected != rise_of_loss_choice  # the data tell the two rules apart
+    assert opt.select(before, after).tolist() == expected
+    opt.gamma = 0.5
+    assert opt.select(before, after).tolist() == sorted(sorted(range(16), key=lambda i: -rise_of_minus_loss[i])[:8])
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+@pytest.mark.parametrize("base_name", list(BASES))
+@pytest.mark.parametrize("beta, gamma", [(0.5, 0.5), (1.0, 0.25)])
+def test_maximize_on_the_loss_is_minimize_on_its_negation(backend, base_name, beta, gamma):
+    base_cls, kw = BASES[base_name]
+    data = batches(12)
+    a, b = make_model(), make_model()
+    opt_a = sharpness.ESAM(a.parameters(), base_cls, beta=beta, gamma=gamma, rho=0.1, seed=7, backend=backend, maximize=True, **kw)
+    opt_b = sharpness.ESAM(b.parameters(), base_cls, beta=beta, gamma=gamma, rho=0.1, seed=7, backend=backend, **kw)
+    for x, y in data:
+        opt_a.step(closure_for(a, x, y))
+        minus = closure_for(b, x, y)
+        opt_b.step(lambda indices=None: -minus(indices))
+        assert opt_a.last_selection.tolist() == opt_b.last_selection.tolist()
+    assert_equal(a, b)
+
+
+def test_select_refuses_groups_that_mix_maximize():
+    m = make_model()
+    groups = [{"params": m[0].parameters(), "maximize": True}, {"params": m[2].parameters()}]
+    opt = sharpness.ESAM(groups, torch.optim.SGD, gamma=0.5, lr=0.1)
+    with pytest.raises(ValueError, match="maximize"):
+        opt.select(torch.zeros(4), torch.ones(4))
+    opt.gamma = 1.0  # nothing to rank
+    assert opt.select(torch.zeros(4), torch.ones(4)).tolist() == [0, 1, 2, 3]

@@ -188,3 +188,72 @@ def test_bad_arguments():
         sharpness.GSAM(model.parameters(), torch.optim.SGD, alpha=-0.1, lr=0.1)
     with pytest.raises(ValueError, match="rho_min"):
         sharpness.GSAM(model.parameters(), torch.optim.SGD, rho_min=float("nan"), lr=0.1)
+
+
+# -- ρ_t stays within [ρ_min, ρ_max] -------------------------------------------------------------
+
+
+def clamped_rho(lr, rho_max, rho_min, lr_max, lr_min):
+    """The schedule, linear in lr, then clamped to its ends."""
+    rho = rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+    return min(rho_max, max(rho_min, rho))
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_rho_t_is_clamped_to_rho_min_and_rho_under_a_one_cycle_schedule(backend):
+    # OneCycleLR peaks at max_lr = 0.4, above lr_max = 0.1 (the lr at construction); it starts
+    # and ends far below lr_min = 0.02. Unclamped, ρ_t would reach 0.02 + 0.08·0.38/0.08 = 0.4.
+    model = make_model()
+    params = list(model.parameters())
+    opt = sharpness.GSAM(params, torch.optim.SGD, rho=0.1, rho_min=0.02, lr_min=0.02, lr=0.1, backend=backend)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.4, total_steps=12)
+    seen = []
+    for x, y in batches(12):
+        lr = opt.param_groups[0]["lr"]
+        loss_of(model, x, y).backward()
+        w = [p.detach().clone() for p in params]
+        opt.first_step(zero_grad=True)
+        e = math.sqrt(sum(float(((p.detach() - v).double() ** 2).sum()) for p, v in zip(params, w)))
+        seen.append((lr, opt.param_groups[0]["sam_rho"], e))
+        loss_of(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+        sched.step()
+    assert any(lr > 0.1 for lr, _, _ in seen) and any(lr < 0.02 for lr, _, _ in seen)
+    for lr, rho, e in seen:
+        assert rho == pytest.approx(clamped_rho(lr, 0.1, 0.02, 0.1, 0.02), rel=1e-12)
+        if lr >= 0.1:
+            assert rho == 0.1  # exactly ρ_max
+        if lr <= 0.02:
+            assert rho == 0.02  # exactly ρ_min
+        assert e == pytest.approx(rho, rel=1e-4)  # the perturbation has that radius
+
+
+def test_rho_t_at_learning_rates_outside_the_schedule():
+    model = make_model()
+    opt = sharpness.GSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.02, lr_max=0.05, lr_min=0.01, lr=0.05)
+    group = opt.param_groups[0]
+    for lr, expected in [(0.185, 0.1), (0.05, 0.1), (0.03, 0.06), (0.01, 0.02), (0.004, 0.02), (0.0, 0.02)]:
+        group["lr"] = lr
+        assert opt.rho_t(group) == pytest.approx(expected, rel=1e-12)
+    group["lr"] = 0.185
+    assert opt.rho_t(group) == 0.1
+    group["lr"] = 0.0
+    assert opt.rho_t(group) == 0.02
+
+
+def test_rho_min_above_rho_is_refused():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"rho_min \(0\.2\).*rho \(0\.1\)"):
+        sharpness.GSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.2, lr=0.1)
+    with pytest.raises(ValueError, match=r"rho_min \(0\.05\).*rho \(0\.0\)"):
+        sharpness.GSAM(model.parameters(), torch.optim.SGD, rho=0.0, rho_min=0.05, lr=0.1)
+    with pytest.raises(ValueError, match=r"rho_min \(0\.05\).*rho \(0\.03\)"):  # a group's own ρ
+        sharpness.GSAM([{"params": model[0].parameters(), "sam_rho": 0.03}, {"params": model[2].parameters()}],
+                       torch.optim.SGD, rho=0.1, rho_min=0.05, lr=0.1)
+    # A group with ρ = 0 is never perturbed: the global ρ_min does not apply to it.
+    opt = sharpness.GSAM([{"params": model[0].parameters(), "sam_rho": 0.0}, {"params": model[2].parameters()}],
+                         torch.optim.SGD, rho=0.1, rho_min=0.05, lr=0.1)
+    assert opt.rho_t(opt.param_groups[0]) == 0.0
+    opt.param_groups[1]["gsam_rho_min"] = 0.3  # changed after construction: refused at the next step
+    with pytest.raises(ValueError, match=r"rho_min \(0\.3\).*rho \(0\.1\)"):
+        opt.rho_t(opt.param_groups[1])

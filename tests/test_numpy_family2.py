@@ -630,3 +630,79 @@ def test_load_refuses_another_methods_state():
         sd = snp.BayesianSAM([np.zeros(3)], num_data=10).state_dict()
         del sd["generator"]
         snp.BayesianSAM(w, num_data=10).load_state_dict(sd)
+
+
+# -- GSAM: ρ_t stays within [ρ_min, ρ_max] ----------------------------------------------------------
+
+# A warm-up past lr_max = 0.1 (the lr at construction), then a decay below lr_min = 0.02.
+GSAM_LRS = [0.02, 0.1, 0.25, 0.37, 0.3, 0.15, 0.08, 0.05, 0.02, 0.01, 0.004, 0.0]
+
+
+def clamped_rho(lr, rho_max, rho_min, lr_max, lr_min):
+    rho = rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+    return min(rho_max, max(rho_min, rho))
+
+
+def reference_gsam_at(X, labels, w, lrs, rho_max, rho_min, lr_max, lr_min, alpha, base):
+    """Algorithm 1 with ρ_t linear in lr_t between (lr_min, ρ_min) and (lr_max, ρ_max), clamped
+    to [ρ_min, ρ_max]; returns the weights and the ρ_t of each step."""
+    w, rhos = copies(w), []
+    for t, lr in enumerate(lrs):
+        base.lr = lr
+        rho = clamped_rho(lr, rho_max, rho_min, lr_max, lr_min)
+        rhos.append(rho)
+        _, g = loss_and_grads(X, labels, w, batch_rows(t))
+        _, gp = loss_and_grads(X, labels, add(w, sam_e(g, rho)), batch_rows(t))
+        g_perp = add(g, gp, -dot(g, gp) / dot(gp, gp))
+        w = base.step(w, add(gp, g_perp, -alpha))
+    return w, rhos
+
+
+def test_gsam_rho_t_is_clamped_to_its_ends_against_the_reference():
+    X, labels, w = make_problem()
+    expected, rhos = reference_gsam_at(X, labels, w, GSAM_LRS, 0.1, 0.02, 0.1, 0.02, 0.3, SGDRef(0.1, momentum=0.9))
+    opt = snp.GSAM(w, rho=0.1, rho_min=0.02, lr_min=0.02, alpha=0.3, lr=0.1, momentum=0.9)
+    seen = []
+    for t, lr in enumerate(GSAM_LRS):
+        opt.lr = lr
+        opt.step(grad_fn_for(X, labels, t))
+        seen.append(opt.hyperparams["rho"])
+    assert seen == pytest.approx(rhos, rel=1e-12)
+    for lr, rho in zip(GSAM_LRS, seen):
+        if lr >= 0.1:
+            assert rho == 0.1  # exactly ρ_max
+        if lr <= 0.02:
+            assert rho == 0.02  # exactly ρ_min
+    assert_arrays(w, expected)
+
+
+def test_gsam_both_fronts_clamp_rho_t_alike():
+    X, labels, w = make_problem(np.float32)
+    tparams = torch_params(w)
+    kw = dict(rho=0.1, rho_min=0.02, lr_min=0.02, alpha=0.3, lr=0.1, momentum=0.9)
+    opt = snp.GSAM(w, **kw)
+    topt = sharpness.GSAM(tparams, torch.optim.SGD, backend="rust", **kw)
+    for t, lr in enumerate(GSAM_LRS):
+        opt.lr = lr
+        topt.param_groups[0]["lr"] = lr
+        opt.step(grad_fn_for(X, labels, t))
+        topt.step(torch_closure(tparams, grad_fn_for(X, labels, t)))
+        assert opt.hyperparams["rho"] == topt.param_groups[0]["sam_rho"] == opt.rho_t()
+        assert opt.rho_t() == topt.rho_t(topt.param_groups[0])
+    assert_arrays(w, tparams, rtol=1e-5, atol=1e-6)
+
+
+def test_gsam_rho_min_above_rho_is_refused():
+    w = [np.zeros(3)]
+    with pytest.raises(ValueError, match=r"rho_min \(0\.2\).*rho \(0\.1\)"):
+        snp.GSAM(w, rho=0.1, rho_min=0.2)
+    with pytest.raises(ValueError, match=r"rho_min \(0\.05\).*rho \(0\.0\)"):
+        snp.GSAM(w, rho=0.0, rho_min=0.05)
+    sd = snp.GSAM(w, rho=0.1, rho_min=0.05).state_dict()
+    sd["gsam"]["rho_min"] = 0.3
+    with pytest.raises(ValueError, match=r"rho_min \(0\.3\).*rho \(0\.1\)"):
+        snp.GSAM(w, rho=0.1).load_state_dict(sd)
+    opt = snp.GSAM(w, rho=0.1, rho_min=0.05)
+    opt.rho_min = 0.3  # changed after construction: refused at the next step
+    with pytest.raises(ValueError, match=r"rho_min \(0\.3\).*rho \(0\.1\)"):
+        opt.rho_t()

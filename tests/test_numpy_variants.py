@@ -263,3 +263,53 @@ def test_sampa_three_calls_two_grad_fns_and_errors():
         snp.SAMPa([np.zeros(2)], lam=2.0)
     with pytest.raises(ValueError, match="k must be"):
         snp.LookSAM([np.zeros(2)], k=0)
+
+
+# -- SAMPa: a non-finite ∇f(y) ------------------------------------------------------------------
+
+
+def reference_sampa_skipping(X, y, w, steps, rho, lam, base, bad):
+    """``reference_sampa`` with ∇f(y_{t+1}) non-finite at the steps in ``bad``, skipped as
+    documented: not kept (∇f(y_t), the last finite one or the zero start, stays) and that step's
+    update is ∇f(x̃_t) alone."""
+    w = [p.astype(np.float64) for p in w]
+    gy = [np.zeros_like(p) for p in w]
+    for t in range(steps):
+        norm = math.sqrt(dot(gy, gy))
+        _, g_x = loss_and_grads(X, y, [a + rho / (norm + 1e-12) * b for a, b in zip(w, gy)], batch_rows(t))
+        if t in bad:
+            w = base.step(w, g_x)
+            continue
+        _, g_next = loss_and_grads(X, y, [a - base.lr * b for a, b in zip(w, gy)], batch_rows(t))
+        w = base.step(w, [(1 - lam) * a + lam * b for a, b in zip(g_x, g_next)])
+        gy = g_next
+    return w
+
+
+@pytest.mark.parametrize("api", ["step", "three-call"])
+@pytest.mark.parametrize("bad, value", [({0}, math.nan), ({4}, math.nan), ({3, 4, 9}, -math.inf)])
+def test_sampa_skips_a_nonfinite_gradient_at_y_and_recovers(api, bad, value):
+    X, y, w = make_problem(np.float64)
+    expected = reference_sampa_skipping(X, y, w, 14, 0.1, 0.2, SGDRef(0.05, 0.9), bad)
+    opt = snp.SAMPa(w, rho=0.1, lam=0.2, lr=0.05, momentum=0.9)
+    for t in range(14):
+
+        def grad_fn_y(params):
+            loss, grads = grad_fn_for(X, y, t)(params)
+            if t in bad:  # one non-finite entry in ∇f(y_{t+1})
+                grads[0].reshape(-1)[5] = value
+            return loss, grads
+
+        if api == "step":
+            opt.step(grad_fn_for(X, y, t), grad_fn_y=grad_fn_y)
+        else:
+            opt.begin_step()
+            norm = opt.first_step(grad_fn_y(w)[1])
+            assert math.isfinite(norm) == (t not in bad)
+            opt.second_step(grad_fn_for(X, y, t)(w)[1])
+        kept = opt.state_dict()["sampa"]
+        assert all(np.isfinite(g).all() for g in kept["grad_y"]), f"a non-finite ∇f(y) was kept at step {t}"
+        assert math.isfinite(kept["grad_y_norm"])
+        assert all(np.isfinite(p).all() for p in w)
+    assert opt.state_dict()["nonfinite_steps"] == len(bad)
+    assert_arrays(w, expected, rtol=1e-10, atol=1e-12)

@@ -303,3 +303,78 @@ def test_hooks_fire_once_per_step_and_misuse_is_refused():
         sharpness.SAMPa(model.parameters(), torch.optim.SGD, lam=1.5, lr=0.1)
     with pytest.raises(ValueError, match="adaptive"):
         sharpness.SAMPa(model.parameters(), torch.optim.SGD, adaptive=True, lr=0.1)
+
+
+# -- non-finite ∇f(y) -----------------------------------------------------------------------------
+
+
+def reference_sampa_skipping(model, base, data, rho, lam, bad):
+    """As ``reference_sampa``, with ∇f(y_{t+1}) non-finite at the steps in ``bad``, skipped as
+    documented: not kept (∇f(y_t), the last finite one or the zero start, stays), and that step's
+    update is ∇f(x̃_t) alone; x̃_t is built from ∇f(y_t) as usual."""
+    params = list(model.parameters())
+    lr = base.param_groups[0]["lr"]
+    gy = [torch.zeros_like(p) for p in params]
+    for t, (x, y) in enumerate(data):
+        xt = [p.detach().clone() for p in params]
+        norm = math.sqrt(flat_dot(gy, gy))
+        set_weights(params, [w - lr * g for w, g in zip(xt, gy)])  # y_{t+1}
+        g_y = grads_at(model, x, y)
+        set_weights(params, [w + (rho / (norm + 1e-12)) * g for w, g in zip(xt, gy)])  # x̃_t
+        g_x = grads_at(model, x, y)
+        set_weights(params, xt)
+        if t in bad:
+            d = g_x
+        else:
+            d = [(1 - lam) * a + lam * b for a, b in zip(g_x, g_y)]
+            gy = g_y
+        for p, v in zip(params, d):
+            p.grad = v
+        base.step()
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+@pytest.mark.parametrize("api", ["closure", "three-call"])
+@pytest.mark.parametrize("bad, value", [({0}, math.nan), ({4}, math.nan), ({3, 4, 9}, math.inf)])
+def test_a_nonfinite_gradient_at_y_is_skipped_and_the_run_recovers(backend, api, bad, value):
+    data = batches(14)
+    ref = make_model()
+    mine = copy.deepcopy(ref)
+    reference_sampa_skipping(ref, torch.optim.SGD(ref.parameters(), lr=0.05, foreach=False), data, 0.1, 0.2, bad)
+    opt = sharpness.SAMPa(mine.parameters(), torch.optim.SGD, rho=0.1, lam=0.2, lr=0.05, backend=backend)
+    params = list(mine.parameters())
+    for t, (x, y) in enumerate(data):
+
+        def poison():  # one non-finite entry in ∇f(y_{t+1})
+            if t in bad:
+                with torch.no_grad():
+                    params[2].grad.view(-1)[5] = value
+
+        if api == "closure":
+
+            def closure():
+                opt.zero_grad()
+                loss = loss_of(mine, x, y)
+                loss.backward()
+                return loss
+
+            def closure_y():
+                loss = closure()
+                poison()
+                return loss
+
+            opt.step(closure, closure_y)
+        else:
+            opt.begin_step()
+            loss_of(mine, x, y).backward()
+            poison()
+            opt.first_step(zero_grad=True)
+            loss_of(mine, x, y).backward()
+            opt.second_step(zero_grad=True)
+        kept = [opt.state[p]["sampa_grad_y"] for p in params if "sampa_grad_y" in opt.state[p]]
+        assert all(bool(torch.isfinite(g).all()) for g in kept), f"a non-finite ∇f(y) was kept at step {t}"
+        assert math.isfinite(opt.sam_state["grad_y_norm"])
+        assert all(bool(torch.isfinite(p).all()) for p in params)
+    assert opt.stats["nonfinite_skips"] == len(bad)
+    assert opt.stats["steps"] == len(data)
+    assert_close(ref, mine)

@@ -15,6 +15,17 @@ the buffer, counting what it did so tests and benchmarks can tell the fast path 
 Which parameters received a gradient since the last ``zero_grad`` is tracked with
 post-accumulate-grad hooks: a view that is merely zero is not the same as torch's ``grad is None``
 (an optimizer skips the latter entirely: no weight decay, no momentum).
+
+Each slice keeps its parameter's memory layout: a dense, non-overlapping tensor of any strides
+(channels_last, transposed) occupies exactly ``numel`` consecutive elements, so its weight,
+gradient and state views are ``as_strided`` over the slice with the parameter's own strides, and
+every elementwise pass over the flat buffer pairs the same elements. What cannot be re-homed
+without breaking the user's model is decided by :func:`keep_in_place` and left to the in-place
+torch engine.
+
+Sparse gradients are refused (``SPARSE_GRADIENTS``), as on every engine: ``AccumulateGrad`` would
+add a sparse gradient into the dense view, silently densifying it, so a tensor hook notes the
+layout of each incoming gradient before that happens and :meth:`FlatBuffers.sync` raises.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sharpness import _core
 
@@ -40,18 +52,146 @@ def as_numpy(t: Tensor) -> np.ndarray | None:
     return t.detach().numpy()
 
 
+#: The error every engine raises for a sparse gradient.
+SPARSE_GRADIENTS = (
+    "SAM does not support sparse gradients (use a dense embedding: nn.Embedding(..., sparse=False))"
+)
+_SPARSE_LAYOUTS = frozenset({torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc})
+
+
+def is_sparse(t: Tensor) -> bool:
+    """Whether ``t`` has a sparse layout (COO or compressed)."""
+    return t.layout in _SPARSE_LAYOUTS
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill exactly ``numel`` consecutive memory slots, in any order of
+    its dimensions (dense and non-overlapping: contiguous, channels_last, transposed ...): sorted by
+    stride, the dimensions of size > 1 must have strides 1, s0, s0·s1, ..."""
+    if t.is_contiguous() or t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _alone_in_storage(p: Tensor) -> bool:
+    """``p`` is its storage's only user as far as ``p`` itself shows: not a view of a bigger tensor
+    (its own base, an offset or a larger storage), not in shared memory (Hogwild's
+    ``share_memory()``), dense."""
+    if p.numel() == 0:
+        return True
+    if p.device.type == "cpu" and p.is_shared():
+        return False
+    storage = p.untyped_storage()
+    return (
+        p._base is None
+        and p.storage_offset() == 0
+        and storage.nbytes() == p.numel() * p.element_size()
+        and is_dense(p)
+    )
+
+
+# Where each parameter re-homed by some FlatBuffers was put: (storage, element) data_ptr. A
+# parameter still there sits in a flat buffer of this library (of this optimizer's previous layout,
+# or of another SAM built on the same parameters), which it may leave freely.
+_HOMES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def keep_in_place(params: list[Tensor]) -> list[bool]:
+    """Which of ``params`` must keep their storage: re-homing rebinds ``p.data`` to a flat-buffer
+    slice, which silently cuts ``p`` off from every other tensor on its old storage.
+
+    A parameter stays where it is when it is a view of a bigger tensor, shares its storage with
+    another of ``params`` (tied through ``.data``, also after the buffers were built), lives in
+    shared memory, or is not dense (no flat slice can hold its layout). One in a flat buffer
+    where a :class:`FlatBuffers` put it moves freely. A tensor without a storage of its own (a
+    wrapper subclass) stays too. Runs once per layout."""
+    storage_ptrs = []
+    for p in params:
+        try:
+            storage_ptrs.append(p.untyped_storage().data_ptr() if p.numel() else 0)
+        except (RuntimeError, NotImplementedError):
+            storage_ptrs.append(None)
+    homed = [bool(ptr) and _HOMES.get(p) == (ptr, p.data_ptr()) for p, ptr in zip(params, storage_ptrs)]
+    on_storage: dict[int, list[Tensor]] = {}
+    for p, ptr, home in zip(params, storage_ptrs, homed):
+        if ptr and not home:
+            on_storage.setdefault(ptr, []).append(p)
+    starts = Counter(p.data_ptr() for p, ptr in zip(params, storage_ptrs) if ptr)
+    keep = []
+    for p, ptr, home in zip(params, storage_ptrs, homed):
+        if ptr is None:
+            keep.append(True)
+        elif not ptr:
+            keep.append(False)  # no elements: nothing to share
+        elif starts[p.data_ptr()] > 1:
+            keep.append(True)  # tied: another parameter on the same elements
+        elif home:
+            keep.append(p.device.type == "cpu" and p.is_shared())
+        elif (p.device.type == "cpu" and p.is_shared()) or not is_dense(p):
+            keep.append(True)
+        else:
+            sharing = on_storage[ptr]
+            keep.append((len(sharing) > 1 or not _alone_in_storage(p)) and not _held_only_by(sharing))
+    return keep
+
+
+def _held_only_by(params: list[Tensor]) -> bool:
+    """Whether nothing but ``params`` holds their (common) storage: no base tensor, module buffer,
+    ``state_dict()`` entry or other view is alive on it, so moving them cuts nobody off. A model
+    saved whole with ``torch.save`` and loaded again has every parameter a view of one storage
+    that nothing else holds: it moves into the flat buffers like any other. Read from the
+    storage's reference count (torch's private ``_storage_Use_Count``; without it: False, the
+    parameters stay)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
+    storage = params[0].untyped_storage()
+    try:
+        # one reference per parameter, one for the wrapper `storage` held here
+        return int(use_count(storage._cdata)) == len(params) + 1
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
 def _mark_received(buffers_ref: weakref.ref, index: int):
     def hook(_param: Tensor) -> None:
         buffers = buffers_ref()
         if buffers is not None:
+            # What torch's p.grad would now be: the sparse gradient itself when there was none
+            # (or a sparse one) before; added into a dense gradient, it is dense.
+            if buffers.incoming_sparse[index]:
+                if not buffers.received[index]:
+                    buffers.sparse.add(index)
+            elif buffers.sparse:
+                buffers.sparse.discard(index)
             buffers.received[index] = True
 
     return hook
 
 
+def _note_layout(buffers_ref: weakref.ref, index: int):
+    # Runs before AccumulateGrad adds the gradient into the dense view (and for
+    # torch.autograd.grad, which accumulates nothing: only _mark_received turns the note into a
+    # refusal, so that call leaves no trace).
+    def hook(grad: Tensor) -> None:
+        buffers = buffers_ref()
+        if buffers is not None:
+            buffers.incoming_sparse[index] = grad.layout in _SPARSE_LAYOUTS
+
+    # Pickling a tensor warns about its backward hooks unless they are marked: this one belongs to
+    # the buffers, not to the tensor's data.
+    return torch.utils.hooks.unserializable_hook(hook)
+
+
 class FlatBuffers:
     """Weights, gradients and optimizer state of same-(device, dtype) parameters, each kind one
-    contiguous tensor whose slices are the per-parameter tensors.
+    contiguous tensor whose slices are the per-parameter tensors, each with its parameter's
+    strides (the parameters must be dense: :func:`is_dense`).
 
     Args:
         params: the parameters, in the order of the optimizer's groups.
@@ -67,6 +207,11 @@ class FlatBuffers:
         self.stats = stats
         self.dtype = params[0].dtype
         self.device = params[0].device
+        if not all(is_dense(p) for p in params):
+            raise ValueError("FlatBuffers holds dense, non-overlapping tensors only (see keep_in_place)")
+        # Shape and strides of each slice, fixed with the layout (a parameter whose strides change
+        # is a layout change: _rehome_param).
+        self.layouts = [(p.shape, None if p.is_contiguous() else p.stride()) for p in params]
         sizes = [p.numel() for p in params]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
         self.numel = self.offsets[-1]
@@ -76,17 +221,29 @@ class FlatBuffers:
         self.weight_views = [self._view(self.weights, i) for i in range(len(params))]
         self.grad_views = [self._view(self.grads, i) for i in range(len(params))]
         self.received = [False] * len(params)
+        # Per parameter, whether the last gradient coming in was sparse (set before accumulation);
+        # and the parameters whose gradient is sparse in torch's sense (torch's p.grad would be a
+        # sparse tensor, the view holds it densified): sync refuses while there are any.
+        self.incoming_sparse = [False] * len(params)
+        self.sparse: set[int] = set()
         with torch.no_grad():
             for i, p in enumerate(params):
                 self.weight_views[i].copy_(p)
                 p.data = self.weight_views[i]
                 if p.grad is not None:
-                    self.grad_views[i].copy_(p.grad)
+                    if is_sparse(p.grad):
+                        self.sparse.add(i)  # refused at the step, as the torch engine does
+                    else:
+                        self.grad_views[i].copy_(p.grad)
                     self.received[i] = True
                 p.grad = self.grad_views[i]
         self.data_ptrs = [v.data_ptr() for v in self.weight_views]
+        storage = self.weights.untyped_storage().data_ptr()
+        for p, ptr in zip(params, self.data_ptrs):
+            _HOMES[p] = (storage, ptr)
         ref = weakref.ref(self)
         self._hooks = [p.register_post_accumulate_grad_hook(_mark_received(ref, i)) for i, p in enumerate(params)]
+        self._hooks += [p.register_hook(_note_layout(ref, i)) for i, p in enumerate(params)]
         self.state_buffers: dict[str, Tensor] = {}
         self.state_views: dict[str, list[Tensor]] = {}
         self.backup: Tensor | None = None
@@ -96,7 +253,11 @@ class FlatBuffers:
         self.np_state: dict[str, np.ndarray] = {}
 
     def _view(self, flat: Tensor, i: int) -> Tensor:
-        return flat[self.offsets[i] : self.offsets[i + 1]].view_as(self.params[i])
+        """Parameter ``i``'s slice of ``flat``, in its shape and memory layout."""
+        shape, stride = self.layouts[i]
+        if stride is None:
+            return flat[self.offsets[i] : self.offsets[i + 1]].view(shape)
+        return flat.as_strided(shape, stride, flat.storage_offset() + self.offsets[i])
 
     def release(self) -> None:
         """Removes the hooks (the layout is being rebuilt)."""
@@ -119,7 +280,17 @@ class FlatBuffers:
 
         A view that no backward wrote since ``zero_grad()`` but that holds non-zero values was
         written in place by other code; it counts as a gradient too, rather than being ignored.
+        A gradient that is sparse in torch's sense raises ``RuntimeError`` (``SPARSE_GRADIENTS``),
+        as the torch engine does: one set as ``p.grad``, or one a backward brought to a parameter
+        without a gradient (torch would keep it sparse until a dense one is added or it is set
+        to None); a sparse gradient added into a dense one is dense, in torch as here.
         """
+        if self.sparse:
+            # Checked first, before any repair can rebuild the layout and lose the record. A
+            # gradient dropped (None) or replaced since is not the sparse one any more.
+            self.sparse = {i for i in self.sparse if self.params[i].grad is self.grad_views[i]}
+            if self.sparse:
+                raise RuntimeError(SPARSE_GRADIENTS)
         received = self.received
         unknown = []  # views no backward wrote: zero, unless other code wrote them in place
         with torch.no_grad():
@@ -135,10 +306,8 @@ class FlatBuffers:
                     p.grad = grad_view
                     received[i] = False
                 else:
-                    if grad.is_sparse:
-                        raise RuntimeError(
-                            "SAM does not support sparse gradients (use a dense embedding, sparse=False)"
-                        )
+                    if is_sparse(grad):
+                        raise RuntimeError(SPARSE_GRADIENTS)
                     grad_view.copy_(grad)
                     p.grad = grad_view
                     received[i] = True
@@ -157,9 +326,17 @@ class FlatBuffers:
         return list(received)
 
     def _rehome_param(self, i: int) -> None:
-        """``p.data`` was rebound: copy the new values into the buffer and rebind to the view."""
+        """``p.data`` was rebound: copy the new values into the buffer and rebind to the view. New
+        data that must stay where it is (:func:`keep_in_place`: shared memory, a view of another
+        tensor, or another parameter's slice here) or with other strides is a new layout."""
         p, view = self.params[i], self.weight_views[i]
         if p.dtype != self.dtype or p.device != self.device or p.numel() != view.numel():
+            raise _LayoutChanged
+        if p.numel() and (
+            p.stride() != view.stride()
+            or p.untyped_storage().data_ptr() == self.weights.untyped_storage().data_ptr()
+            or not _alone_in_storage(p)
+        ):
             raise _LayoutChanged
         view.copy_(p.data.reshape(view.shape))
         p.data = view
@@ -169,6 +346,8 @@ class FlatBuffers:
         """Zeroes every gradient in one pass; ``set_to_none`` marks them as absent (torch's None)."""
         with torch.no_grad():
             self.grads.zero_()
+            if set_to_none:
+                self.sparse.clear()  # (torch zeroes a sparse gradient in place: it stays sparse)
             for i, p in enumerate(self.params):
                 if p.grad is not self.grad_views[i]:
                     if p.grad is None and not set_to_none:

@@ -2,8 +2,15 @@
 
 Common recipes leave some parameters out of parts of a SAM step:
 
-- ASAM (Kwon et al., ICML 2021; its official code) rescales only weight matrices and kernels: biases
-  and normalisation parameters get no adaptivity (``T = 1``).
+- ASAM (Kwon et al., ICML 2021). The official code (github.com/SamsungLabs/ASAM, ``asam.py``,
+  ``ASAM.ascent_step``) rescales every parameter whose name contains ``"weight"`` by
+  ``T_w = |w| + η``, BatchNorm and LayerNorm weights included, and leaves every other parameter
+  (the biases) with ``T = 1``, still perturbed and in the norm. ``no_adaptivity=("bias",)``
+  reproduces it for models whose parameters are all named ``weight`` or ``bias`` (every
+  ``torch.nn`` layer); a parameter named neither (a ViT's ``cls_token``, ``pos_embed``) is not
+  rescaled there either: add it by name, ``overrides={"*cls_token": {"sam_adaptive": False}}``.
+  ``no_adaptivity=("bias", "norm")`` also leaves the normalisation weights unscaled: a common
+  variant, not what the official code does.
 - ViT/Mixer training with SAM (Chen et al., "When Vision Transformers Outperform ResNets without
   Pretraining or Strong Data Augmentations", ICLR 2022) keeps biases, normalisation parameters and
   embeddings out of the weight decay; some setups also keep them out of the perturbation.
@@ -71,7 +78,8 @@ def param_groups(
         model: the model; parameters shared between modules appear once.
         no_perturbation: categories SAM leaves unperturbed (``sam_rho = 0``: outside the norm and
             the perturbation).
-        no_adaptivity: categories ASAM does not rescale (``sam_adaptive = False``).
+        no_adaptivity: categories ASAM does not rescale (``sam_adaptive = False``);
+            ``("bias",)`` is the official ASAM code's choice (see the module docstring).
         no_weight_decay: categories with ``weight_decay = 0``.
         overrides: ``{pattern: settings}``; a parameter whose name matches the shell-style
             pattern (``fnmatch``, e.g. ``"head.*"``) gets these group settings on top of the
@@ -84,9 +92,9 @@ def param_groups(
     Example:
         >>> import torch, sharpness
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
-        >>> groups = sharpness.param_groups(model, no_adaptivity=("bias", "norm"), no_weight_decay=("bias", "norm"))
-        >>> [len(g["params"]) for g in groups]
-        [2, 4]
+        >>> groups = sharpness.param_groups(model, no_adaptivity=("bias",), no_weight_decay=("bias", "norm"))
+        >>> [len(g["params"]) for g in groups]  # weights; biases; the LayerNorm's weight (rescaled, not decayed)
+        [2, 3, 1]
         >>> opt = sharpness.SAM(groups, torch.optim.SGD, rho=1.0, adaptive=True, lr=0.1, weight_decay=5e-4)
     """
     rules = [

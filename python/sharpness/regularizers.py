@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sharpness._validation import number
+
 __all__ = ["SAF", "MESA", "trajectory_kl"]
 
 
@@ -43,15 +45,13 @@ def trajectory_kl(logits: Tensor, reference: Tensor, temperature: float) -> Tens
     return kl.mean() * (t * t)
 
 
-def _check(lam: float, temperature: float, start_epoch: int, end_epoch: int | None) -> None:
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not isinstance(start_epoch, int):
-        raise TypeError(f"start_epoch must be an int, got {start_epoch!r}")
-    if end_epoch is not None and not isinstance(end_epoch, int):
-        raise TypeError(f"end_epoch must be an int or None, got {end_epoch!r}")
+def _check(lam: float, temperature: float, start_epoch: int, end_epoch: int | None) -> tuple[float, float, int, int | None]:
+    return (
+        number("lam", lam, minimum=0),
+        number("temperature", temperature, above=0),
+        number("start_epoch", start_epoch, integer=True),
+        None if end_epoch is None else number("end_epoch", end_epoch, integer=True),
+    )
 
 
 class SAF:
@@ -102,12 +102,11 @@ class SAF:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        _check(lam, temperature, start_epoch, end_epoch)
-        if not (isinstance(lag, int) and lag >= 1):
-            raise ValueError(f"lag must be an integer >= 1, got {lag!r}")
-        if not all(isinstance(n, int) and n >= 1 for n in (num_samples, num_classes)):
-            raise ValueError("num_samples and num_classes must be integers >= 1")
-        self.lam, self.temperature, self.lag = float(lam), float(temperature), lag
+        lam, temperature, start_epoch, end_epoch = _check(lam, temperature, start_epoch, end_epoch)
+        lag = number("lag", lag, minimum=1, integer=True)
+        num_samples = number("num_samples", num_samples, minimum=1, integer=True)
+        num_classes = number("num_classes", num_classes, minimum=1, integer=True)
+        self.lam, self.temperature, self.lag = lam, temperature, lag
         self.start_epoch, self.end_epoch = start_epoch, end_epoch
         device = torch.device("cpu") if device is None else torch.device(device)
         self.logits = torch.zeros(lag + 1, num_samples, num_classes, dtype=dtype, device=device)
@@ -211,11 +210,10 @@ class MESA:
         start_epoch: int = 5,
         end_epoch: int | None = None,
     ) -> None:
-        _check(lam, temperature, start_epoch, end_epoch)
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        lam, temperature, start_epoch, end_epoch = _check(lam, temperature, start_epoch, end_epoch)
+        decay = number("decay", decay, minimum=0, maximum=1)
         self.model = model
-        self.decay, self.lam, self.temperature = float(decay), float(lam), float(temperature)
+        self.decay, self.lam, self.temperature = decay, lam, temperature
         self.start_epoch, self.end_epoch = start_epoch, end_epoch
         self.ema = copy.deepcopy(model).eval()
         for p in self.ema.parameters():
@@ -234,7 +232,7 @@ class MESA:
         lerp_to, lerp_from, copy_to, copy_from = [], [], [], []
         for name, value in target.items():
             other = source[name]
-            if value.is_floating_point():
+            if value.is_floating_point() or value.is_complex():
                 lerp_to.append(value)
                 lerp_from.append(other.detach().to(value))
             else:

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sharpness.backends._common import norm_weight_sq, scale_of
-from sharpness.backends.torch_foreach import TorchEngine
+from sharpness.backends._common import norm_weight_sq
+from sharpness.backends.torch_foreach import TorchEngine, real_view
 
 
 def is_dtensor(t: Any) -> bool:
@@ -61,8 +61,9 @@ class DTensorEngine(TorchEngine):
                 self.reductions.append(key)
             self.reduction_of.append(self.reductions.index(key))
 
-    def _lists(self, indices: list[int]) -> tuple[list[Tensor], list[Tensor]]:
-        return [_local(self.params[i]) for i in indices], [_local(self.params[i].grad) for i in indices]
+    def _view(self, t: Tensor) -> Tensor:
+        """The local shard, as real pairs when complex."""
+        return real_view(_local(t))
 
     def _reduce(self, partials: dict[int, Tensor]) -> float:
         """Sums each reduction's local value over the ranks that hold its other shards."""
@@ -89,11 +90,10 @@ class DTensorEngine(TorchEngine):
                 if group["sam_rho"] == 0:
                     continue  # outside the perturbation: neither in the norm nor perturbed
                 weights, grads = self._lists(indices)
-                if group["sam_adaptive"]:
-                    grads = torch._foreach_mul(self._adaptive_factor(weights, float(group["sam_eta"])), grads)
-                norms = torch._foreach_norm(grads)
+                # Accumulated in float64, an overflowing float32 term recomputed in float64 (a
+                # local host read; the all-reduce follows anyway).
+                squares = self._in_float64(group, weights, grads, self._squared_norms(group, weights, grads))
                 c2 = norm_weight_sq(group)
-                squares = [n.double().square() for n in norms]
                 self._partials(indices, squares if c2 == 1.0 else [s * c2 for s in squares], partials)
         return self._reduce(partials)
 
@@ -105,23 +105,16 @@ class DTensorEngine(TorchEngine):
                 if group["sam_rho"] == 0:
                     continue
                 weights, grads = self._lists(indices)
-                backups = [_local(self._backup(i)) for i in indices]
+                backups = [self._view(self._backup(i)) for i in indices]
                 torch._foreach_copy_(backups, weights)
-                if group["sam_adaptive"]:
-                    t = self._adaptive_factor(weights, float(group["sam_eta"]))
-                    torch._foreach_mul_(t, t)
-                    e = torch._foreach_mul(t, grads)
-                    torch._foreach_mul_(e, scale_of(group, norm))
-                else:
-                    e = torch._foreach_mul(grads, scale_of(group, norm))
-                torch._foreach_add_(weights, e)
+                torch._foreach_add_(weights, self._perturbation(group, weights, grads, norm))
                 self.perturbed.extend(indices)
 
     def restore(self) -> None:
         if self.perturbed:
             with torch.no_grad():
                 torch._foreach_copy_(
-                    [_local(self.params[i]) for i in self.perturbed], [_local(self.backups[i]) for i in self.perturbed]
+                    [self._view(self.params[i]) for i in self.perturbed], [self._view(self.backups[i]) for i in self.perturbed]
                 )
             self.perturbed = []
 
@@ -158,7 +151,7 @@ class DTensorEngine(TorchEngine):
         with torch.no_grad():
             if indices:
                 torch._foreach_copy_(
-                    [_local(self._backup(i)) for i in indices], [_local(self.params[i]) for i in indices]
+                    [self._view(self._backup(i)) for i in indices], [self._view(self.params[i]) for i in indices]
                 )
         self.perturbed = indices
 
@@ -168,11 +161,11 @@ class DTensorEngine(TorchEngine):
             by_group.setdefault(self.group_of[i], []).append(i)
         with torch.no_grad():
             for gi, indices in by_group.items():
-                weights = [_local(self.params[i]) for i in indices]
-                torch._foreach_copy_(weights, [_local(self.backups[i]) for i in indices])
+                weights = [self._view(self.params[i]) for i in indices]
+                torch._foreach_copy_(weights, [self._view(self.backups[i]) for i in indices])
                 scale = float(scales.get(gi, 0.0))
                 if scale != 0.0:
-                    vectors = [_local(self._state_tensor(i, direction, state)) for i in indices]
+                    vectors = [self._state_tensor(i, direction, state) for i in indices]
                     torch._foreach_add_(weights, vectors, alpha=scale)
 
     def add_to_weights(self, direction: str, scales: dict[int, float], state: dict) -> None:
@@ -181,7 +174,7 @@ class DTensorEngine(TorchEngine):
             for gi, indices in self.by_group.items():
                 scale = float(scales.get(gi, 0.0))
                 if scale != 0.0:
-                    torch._foreach_add_([_local(self.params[i]) for i in indices], [vectors[i] for i in indices], alpha=scale)
+                    torch._foreach_add_([self._view(self.params[i]) for i in indices], [vectors[i] for i in indices], alpha=scale)
 
     def mean_over_ranks(self, values: list[float]) -> list[float]:
         """Host scalars (losses of each rank's batch) averaged over the ranks of the parameters'

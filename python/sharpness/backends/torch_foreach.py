@@ -4,10 +4,24 @@ It serves devices without a native kernel (CUDA until the Triton engine lands, M
 ``backend="torch"``, and parameters that cannot be re-homed into flat buffers (frozen ones, whose
 gradients stay ``None`` until they are unfrozen). Parameters keep their own storage; a per-parameter
 backup gives exact restoration; the base optimizer always takes its own step.
+
+Complex parameters are served here (the flat engines take real floating dtypes only), as their
+real pairs: every operation sees ``torch.view_as_real`` of the weights, gradients, backups and
+state vectors (a trailing dimension of 2), as torch.optim's optimizers do. So ``‖g‖² = Σ|g|²``,
+inner products are the real ones, ``Re⟨x, y⟩``, and elementwise rules (ASAM's ``|w|+η``, Adam-like
+moments, masks, noise) act on real and imaginary parts as separate coordinates: a complex model
+follows the same trajectory as the same model written with real pairs. State vectors keep the
+parameter's own dtype and shape (complex), as torch.optim's do.
+
+Gradient norms are accumulated in float64 (float32 where the device has no float64: MPS) whatever
+the parameters' dtype, so float16 gradients whose norm exceeds float16's range (65504) still get
+their finite norm. ASAM's ``(|w|+η)·g`` and the perturbation of 16-bit weights are computed in
+float32 and rounded once to the weights' dtype, as the native kernels do.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +31,21 @@ import torch
 from torch import Tensor
 
 from sharpness.backends._common import norm_weight_sq, scale_of
+from sharpness.buffers import SPARSE_GRADIENTS, is_sparse
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def real_view(t: Tensor) -> Tensor:
+    """A complex tensor as its real pairs (``torch.view_as_real``: a trailing dimension of 2, a
+    view sharing the storage); any other tensor as itself."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """The dtype norms and sums of squares are accumulated in: float64, or float32 on MPS
+    (which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 class TorchEngine:
@@ -45,8 +74,8 @@ class TorchEngine:
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("SAM does not support sparse gradients (use a dense embedding, sparse=False)")
+            if is_sparse(p.grad):  # COO or compressed: one refusal, the flat engines' too
+                raise RuntimeError(SPARSE_GRADIENTS)
             self.by_group.setdefault(self.group_of[i], []).append(i)
 
     def zero_grad(self, set_to_none: bool) -> None:
@@ -62,15 +91,49 @@ class TorchEngine:
                     p.grad.requires_grad_(False)
                 p.grad.zero_()
 
+    def _view(self, t: Tensor) -> Tensor:
+        """The tensor the vector operations act on: ``t`` as real pairs when complex."""
+        return real_view(t)
+
     def _lists(self, indices: list[int]) -> tuple[list[Tensor], list[Tensor]]:
-        return [self.params[i] for i in indices], [self.params[i].grad for i in indices]
+        return [self._view(self.params[i]) for i in indices], [self._view(self.params[i].grad) for i in indices]
 
     @staticmethod
     def _adaptive_factor(weights: list[Tensor], eta: float) -> list[Tensor]:
-        """``T = |w| + η`` per tensor."""
-        t = torch._foreach_abs(weights)
+        """``T = |w| + η`` per tensor; in float32 for 16-bit weights (``T²g`` overflows float16
+        long before ``e`` does)."""
+        if weights and weights[0].dtype in _HALF:  # an engine's tensors share one dtype
+            t = [w.float() for w in weights]
+            torch._foreach_abs_(t)
+        else:
+            t = torch._foreach_abs(weights)
         torch._foreach_add_(t, eta)
         return t
+
+    def _squared_norms(self, group: dict[str, Any], weights: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """Per tensor, ``‖g‖²`` (adaptive groups: ``‖(|w|+η)g‖²``) as a 0-d tensor in the
+        accumulation dtype (foreach norms; torch's CUDA kernels accumulate them in float32, and
+        ``(|w|+η)g`` is formed in float32 for 16-bit tensors: see :meth:`_in_float64`)."""
+        terms = grads
+        if group["sam_adaptive"]:
+            terms = torch._foreach_mul(self._adaptive_factor(weights, float(group["sam_eta"])), grads)
+        norms = torch._foreach_norm(terms, dtype=accumulation_dtype(grads[0].device))
+        return torch._foreach_mul(norms, norms)  # one call, not one square per tensor
+
+    @staticmethod
+    def _in_float64(group: dict[str, Any], weights: list[Tensor], grads: list[Tensor], squares: list[Tensor]) -> list[Tensor]:
+        """``squares`` with each non-finite entry recomputed from float64 copies (one tensor at a
+        time): a non-finite norm then means a non-finite gradient, never an overflow of a float32
+        accumulator or product. Without float64 (MPS) they stay as they are."""
+        if accumulation_dtype(grads[0].device) != torch.float64 or bool(torch.isfinite(torch.stack(squares)).all()):
+            return squares
+        eta = float(group["sam_eta"])
+        out = list(squares)
+        for k, (w, g) in enumerate(zip(weights, grads)):
+            if not bool(torch.isfinite(out[k])):
+                x = (w.double().abs() + eta) * g.double() if group["sam_adaptive"] else g.double()
+                out[k] = torch.linalg.vector_norm(x).square()
+        return out
 
     def sum_of_squares(self, groups: list[dict[str, Any]]) -> float:
         total = 0.0
@@ -80,10 +143,10 @@ class TorchEngine:
                 if group["sam_rho"] == 0:
                     continue  # outside the perturbation: neither in the norm nor perturbed
                 weights, grads = self._lists(indices)
-                if group["sam_adaptive"]:
-                    grads = torch._foreach_mul(self._adaptive_factor(weights, float(group["sam_eta"])), grads)
-                norms = torch._foreach_norm(grads)
-                part = float(torch.stack(norms).double().square().sum())
+                squares = self._squared_norms(group, weights, grads)
+                part = float(torch.stack(squares).sum())
+                if not math.isfinite(part):  # rare: overflowing gradients; the host read is made anyway
+                    part = float(torch.stack(self._in_float64(group, weights, grads, squares)).sum())
                 c2 = norm_weight_sq(group)
                 total += part if c2 == 1.0 else part * c2
         return total
@@ -98,22 +161,32 @@ class TorchEngine:
                 weights, grads = self._lists(indices)
                 subtract = self.memory == "subtract"
                 if not subtract:
-                    backups = [self._backup(i) for i in indices]
+                    backups = [self._view(self._backup(i)) for i in indices]
                     torch._foreach_copy_(backups, weights)
-                if group["sam_adaptive"]:
-                    t = self._adaptive_factor(weights, float(group["sam_eta"]))
-                    torch._foreach_mul_(t, t)
-                    e = torch._foreach_mul(t, grads)
-                    torch._foreach_mul_(e, scale_of(group, norm))
-                else:
-                    e = torch._foreach_mul(grads, scale_of(group, norm))
+                e = self._perturbation(group, weights, grads, norm)
                 if subtract:
                     offsets = [self._offset(i) for i in indices]
                     torch._foreach_copy_(offsets, e)  # e rounded to bfloat16: what w moves by
                     e = offsets
-                torch._foreach_add_(weights, e)
+                torch._foreach_add_(weights, e)  # w + e in e's dtype, rounded once to w's
                 self.perturbed.extend(indices)
         self._by_offsets = self.memory == "subtract"
+
+    def _perturbation(self, group: dict[str, Any], weights: list[Tensor], grads: list[Tensor], norm: float) -> list[Tensor]:
+        """``e = s·g`` (adaptive: ``s·T²g``), ``s = ±ρ/(norm+ε)``; in float32 for 16-bit weights,
+        as the native kernels compute it, so that ``w + e`` is rounded once."""
+        scale = scale_of(group, norm)
+        if group["sam_adaptive"]:
+            t = self._adaptive_factor(weights, float(group["sam_eta"]))
+            torch._foreach_mul_(t, t)
+            e = torch._foreach_mul(t, grads)
+            torch._foreach_mul_(e, scale)
+            return e
+        if grads and grads[0].dtype in _HALF:
+            e = [g.float() for g in grads]
+            torch._foreach_mul_(e, scale)
+            return e
+        return torch._foreach_mul(grads, scale)
 
     def _backup(self, i: int) -> Tensor:
         b = self.backups.get(i)
@@ -129,19 +202,20 @@ class TorchEngine:
         yield
 
     def _offset(self, i: int) -> Tensor:
-        o, p = self.offsets.get(i), self.params[i]
+        """The bfloat16 ``e`` of parameter ``i`` (of its real view's shape)."""
+        o, p = self.offsets.get(i), self._view(self.params[i])
         if o is None or o.shape != p.shape or o.device != p.device:
             o = self.offsets[i] = torch.empty_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format)
         return o
 
     def restore(self) -> None:
         if self.perturbed:
-            weights = [self.params[i] for i in self.perturbed]
+            weights = [self._view(self.params[i]) for i in self.perturbed]
             with torch.no_grad():
                 if self._by_offsets:
                     torch._foreach_sub_(weights, [self.offsets[i] for i in self.perturbed])
                 else:
-                    torch._foreach_copy_(weights, [self.backups[i] for i in self.perturbed])
+                    torch._foreach_copy_(weights, [self._view(self.backups[i]) for i in self.perturbed])
             self.perturbed = []
             self._by_offsets = False
 
@@ -158,24 +232,23 @@ class TorchEngine:
         return [i for indices in self.by_group.values() for i in indices]
 
     def _state_tensor(self, i: int, name: str, state: dict, fill: float | None = None) -> Tensor:
-        """``state[p_i][name]``, created at zero (or at ``fill``) where missing."""
+        """``state[p_i][name]`` (the parameter's dtype and shape), created at zero (or with every
+        real coordinate at ``fill``) where missing; returned as the vector operations see it."""
         entry = state[self.params[i]]
         if name not in entry:
-            p = self.params[i]
-            entry[name] = (
-                torch.zeros_like(p, memory_format=torch.preserve_format)
-                if fill is None
-                else torch.full_like(p, fill, memory_format=torch.preserve_format)
-            )
-        return entry[name]
+            t = torch.zeros_like(self.params[i], memory_format=torch.preserve_format)
+            if fill is not None:
+                real_view(t).fill_(fill)  # a complex entry: fill + fill·i, both coordinates
+            entry[name] = t
+        return self._view(entry[name])
 
     def vector(self, name: str, state: dict) -> list[Tensor]:
-        """Every active parameter's ``state[p][name]`` (created at zero)."""
+        """Every active parameter's ``state[p][name]`` (created at zero), as real views."""
         return [self._state_tensor(i, name, state) for i in self._active()]
 
     def _array(self, name: str, state: dict) -> list[Tensor]:
         if name == "grads":
-            return [self.params[i].grad for i in self._active()]
+            return [self._view(self.params[i].grad) for i in self._active()]
         return self.vector(name, state)
 
     def dot(self, a: str, b: str, state: dict) -> float:
@@ -204,7 +277,8 @@ class TorchEngine:
         a gradient (``every``: all trainable ones), as aligned per-parameter lists for
         ``torch._foreach_*`` ops (the same contract as the Rust engine's). A name is
         ``"weights"``, ``"grads"``, ``"backup"``, a state name (created at zero, or at
-        ``init[name]``), or a flat tensor over all this engine's parameters in order."""
+        ``init[name]``), or a flat tensor over all this engine's parameters in order (a complex
+        parameter taking ``2·numel`` of it, its real pairs). Every tensor is a real view."""
         if every:
             by_group: dict[int, list[int]] = {}
             for i, p in enumerate(self.params):
@@ -215,19 +289,19 @@ class TorchEngine:
         offsets = [0]
         if any(isinstance(n, Tensor) for n in names):
             for p in self.params:
-                offsets.append(offsets[-1] + p.numel())
+                offsets.append(offsets[-1] + real_view(p).numel())
         out: dict[int, list[list[Tensor]]] = {}
         for gi, indices in by_group.items():
             lists: list[list[Tensor]] = []
             for name in names:
                 if isinstance(name, Tensor):
-                    lists.append([name[offsets[i] : offsets[i + 1]].view_as(self.params[i]) for i in indices])
+                    lists.append([name[offsets[i] : offsets[i + 1]].view_as(real_view(self.params[i])) for i in indices])
                 elif name == "weights":
-                    lists.append([self.params[i] for i in indices])
+                    lists.append([self._view(self.params[i]) for i in indices])
                 elif name == "grads":
-                    lists.append([self.params[i].grad for i in indices])
+                    lists.append([self._view(self.params[i].grad) for i in indices])
                 elif name == "backup":
-                    lists.append([self._backup(i) for i in indices])
+                    lists.append([self._view(self._backup(i)) for i in indices])
                 else:
                     fill = (init or {}).get(name)
                     lists.append([self._state_tensor(i, name, state, fill) for i in indices])
@@ -245,7 +319,7 @@ class TorchEngine:
         indices = [i for i, p in enumerate(self.params) if p.requires_grad]
         with torch.no_grad():
             if indices:
-                torch._foreach_copy_([self._backup(i) for i in indices], [self.params[i] for i in indices])
+                torch._foreach_copy_([self._view(self._backup(i)) for i in indices], [self._view(self.params[i]) for i in indices])
         self.perturbed = indices
 
     def weights_from_backup(self, direction: str, scales: dict[int, float], state: dict) -> None:
@@ -257,8 +331,8 @@ class TorchEngine:
             by_group.setdefault(self.group_of[i], []).append(i)
         with torch.no_grad():
             for gi, indices in by_group.items():
-                weights = [self.params[i] for i in indices]
-                torch._foreach_copy_(weights, [self.backups[i] for i in indices])
+                weights = [self._view(self.params[i]) for i in indices]
+                torch._foreach_copy_(weights, [self._view(self.backups[i]) for i in indices])
                 scale = float(scales.get(gi, 0.0))
                 if scale != 0.0:
                     vectors = [self._state_tensor(i, direction, state) for i in indices]
@@ -289,22 +363,24 @@ class TorchEngine:
             for gi, indices in self.by_group.items():
                 scale = float(scales.get(gi, 0.0))
                 if scale != 0.0:
-                    torch._foreach_add_([self.params[i] for i in indices], [vectors[i] for i in indices], alpha=scale)
+                    torch._foreach_add_([self._view(self.params[i]) for i in indices], [vectors[i] for i in indices], alpha=scale)
 
     def add_noise(self, scales: dict[int, float], generator: torch.Generator) -> None:
         """``w ← w + scales[g]·z`` per group ``g``, ``z ~ N(0, I)`` drawn from ``generator`` (on
-        the CPU) as one vector over every trainable parameter of this engine, in order: the same
-        numbers the flat engine draws for the same parameters."""
+        the CPU) as one vector over every trainable parameter of this engine, in order (a complex
+        parameter takes ``2·numel`` numbers, its real pairs): the same numbers the flat engine
+        draws for the same parameters."""
         indices = [i for i, p in enumerate(self.params) if p.requires_grad]
         if not indices:
             return
-        dtype = torch.float64 if self.params[indices[0]].dtype == torch.float64 else torch.float32
-        z = torch.randn(sum(self.params[i].numel() for i in indices), generator=generator, dtype=dtype)
-        z = z.to(self.params[indices[0]].device)
+        first = real_view(self.params[indices[0]])
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        z = torch.randn(sum(real_view(self.params[i]).numel() for i in indices), generator=generator, dtype=dtype)
+        z = z.to(first.device)
         offset = 0
         with torch.no_grad():
             for i in indices:
-                p = self.params[i]
+                p = self._view(self.params[i])
                 n = p.numel()
                 scale = float(scales.get(self.group_of[i], 0.0))
                 if scale != 0.0:

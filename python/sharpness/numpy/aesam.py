@@ -67,12 +67,12 @@ class AESAM(SAM):
         lambda2: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        check_aesam_args(total_steps, delta, lambda1, lambda2)
+        total_steps, delta, lambda1, lambda2 = check_aesam_args(total_steps, delta, lambda1, lambda2)
         super().__init__(params, **kwargs)
         self.total_steps = total_steps
-        self.delta = float(delta)
-        self.lambda1 = float(lambda1)
-        self.lambda2 = float(lambda2)
+        self.delta = delta
+        self.lambda1 = lambda1
+        self.lambda2 = lambda2
         self.mu = 0.0
         self.var = VAR_INIT
         #: Steps that took the SAM update.

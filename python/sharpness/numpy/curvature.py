@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sharpness import _core
+from sharpness._validation import number
 from sharpness.numpy.sam import SAM, _EPS0, _real
 
 __all__ = ["GAM", "CRSAM"]
@@ -161,11 +162,20 @@ class GAM(_MultiPassSAM):
 
     Args:
         params, base, **base_kwargs: as for :class:`~sharpness.numpy.SAM`.
-        rho: ``ρ`` (the official ``grad_rho``; 0.05 here, tuned per task in the paper).
-        norm_rho: ``ρ'`` (``grad_norm_rho``, 0.2 in the official configurations).
-        beta1, beta2, beta3: the weights of ``g₁``, ``g₂``, ``g₃`` (1, 1, 1: the official
-            ``grad_beta_1/2/3``).
-        gamma: ``γ`` of the decomposition (0.1, ``grad_gamma``).
+        rho: ``ρ``, the radius of the two SAM moves (the official ``grad_rho``; 0.05 here).
+        norm_rho: ``ρ'``, the radius of the move along ``d`` (``grad_norm_rho``; 0.2, as in
+            every official setting).
+        beta1, beta2, beta3: the weights of ``g₁``, ``g₂``, ``g₃`` (``grad_beta_1``,
+            ``|grad_beta_2|``, ``grad_beta_3``; 1, 1, 1 here).
+        gamma: ``γ`` of the decomposition (``grad_gamma``; 0.1 here).
+
+    Defaults: as :class:`sharpness.GAM`, whose docstring lists what the official script runs.
+    The official class (github.com/xxgege/GAM, ``gam/gam.py``) has no defaults for these; its
+    script ``main_cifar.py`` always sets ``grad_beta_2 = 1 − grad_beta_0`` and ``grad_beta_3 =
+    1 − grad_beta_1``, so it never runs ``β₂ = β₃ = 1`` (CIFAR-100 ResNet: ``rho=0.02,
+    norm_rho=0.2, beta1=0.6, beta2=0.5, beta3=0.4, gamma=0.03``; its argparse defaults give
+    ``β₁ = 1, β₂ = β₃ = 0, γ = 0.03, ρ = 0.02``). The defaults here (equal weights, ``γ = 0.1``,
+    ``ρ = 0.05``) are this library's; pass the script's values to reproduce a run of it.
 
     Example:
         >>> import numpy as np
@@ -213,8 +223,7 @@ class GAM(_MultiPassSAM):
 
     def _check_coefficients(self, values: dict[str, Any]) -> dict[str, float]:
         out = super()._check_coefficients(values)
-        if out["norm_rho"] < 0:
-            raise ValueError(f"norm_rho must be >= 0, got {out['norm_rho']}")
+        out["norm_rho"] = number("norm_rho", values["norm_rho"], minimum=0)
         return out
 
     def step(self, grad_fn: GradFn) -> Any:
@@ -289,9 +298,10 @@ class CRSAM(_MultiPassSAM):
 
     Args:
         params, base, **base_kwargs: as for :class:`~sharpness.numpy.SAM`.
-        rho: ``ρ`` (0.1: the official default).
-        gamma: ``γ``, the weight of the second difference (0.1, the official default).
-        beta: ``β``, the weight of the first difference (0.1, the official default).
+        rho: ``ρ`` (0.1: the official class's default and its training script's).
+        gamma: ``γ``, the weight of the second difference (0.1: likewise both).
+        beta: ``β``, the weight of the first difference (0.1: the official class's default,
+            followed here; the official training script runs 0.01).
 
     Example:
         >>> import numpy as np

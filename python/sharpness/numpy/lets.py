@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from sharpness import _core
+from sharpness._validation import number
 from sharpness.numpy.sam import SAM, _real
 
 __all__ = ["LETS"]
@@ -42,7 +43,7 @@ _HESSIANS = ("diag", "identity")
 
 def _per_group(name: str, value: Any, n: int) -> list[float]:
     """A real number (the same for every group) or one per group, as floats."""
-    if isinstance(value, (list, tuple, np.ndarray)):
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0):
         values = list(value)
         if len(values) != n:
             raise ValueError(f"{name} has {len(values)} entries for {n} group(s)")
@@ -182,10 +183,9 @@ class LETS(SAM):
     ) -> None:
         if not isinstance(hessian, str) or hessian not in _HESSIANS:
             raise ValueError(f"hessian must be one of {_HESSIANS}, got {hessian!r}")
-        for name, value in (("rho_min", rho_min), ("rho_max", rho_max)):
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if not (0 <= rho_min <= rho_max) or math.isinf(rho_min):
+        rho_min = number("rho_min", rho_min, minimum=0)
+        rho_max = number("rho_max", rho_max, minimum=0, finite=False)  # inf: no upper clamp
+        if not rho_min <= rho_max:
             raise ValueError(f"need 0 <= rho_min <= rho_max (rho_min finite), got {rho_min}, {rho_max}")
         if base_kwargs.get("maximize", False):
             raise ValueError("LETS does not support maximize=True")

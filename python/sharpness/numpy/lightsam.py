@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sharpness import _core
+from sharpness._validation import number, pair
 from sharpness.numpy.sam import _check_params
 
 __all__ = ["LightSAM"]
@@ -66,16 +67,11 @@ class LightSAM:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if lr is None:
             lr = 1e-3 if variant == "adam" else 0.1
-        for name, value in (("lr", lr), ("rho", rho)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps must be a finite number > 0, got {eps}")
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        lr, rho = number("lr", lr, minimum=0), number("rho", rho, minimum=0)
+        eps = number("eps", eps, above=0)
+        betas = pair("betas", betas, minimum=0, below=1)
         self.variant = variant
-        self.hyperparams = {"lr": float(lr), "rho": float(rho), "eps": float(eps), "betas": (float(b1), float(b2))}
+        self.hyperparams = {"lr": lr, "rho": rho, "eps": eps, "betas": betas}
         self._by_dtype: dict[np.dtype, list[int]] = {}
         for i, p in enumerate(self.params):
             self._by_dtype.setdefault(p.dtype, []).append(i)
@@ -97,7 +93,7 @@ class LightSAM:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self.hyperparams["lr"] = float(value)
+        self.hyperparams["lr"] = number("lr", value, minimum=0)
 
     @property
     def perturbed(self) -> bool:

@@ -19,15 +19,14 @@ from typing import Any
 import numpy as np
 
 from sharpness import _core
+from sharpness._validation import number
 from sharpness.numpy.sam import SAM
 
 __all__ = ["EveryKSAM", "LookSAM"]
 
 
 def _check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    return int(k)
+    return number("k", k, minimum=1, integer=True)
 
 
 class EveryKSAM(SAM):
@@ -131,11 +130,7 @@ class LookSAM(EveryKSAM):
     """
 
     def __init__(self, params: Sequence[np.ndarray], k: int = 5, alpha: float = 0.7, **kwargs: Any) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
-            raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
-        if not (alpha >= 0 and math.isfinite(alpha)):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = number("alpha", alpha, minimum=0)
         super().__init__(params, k=k, **kwargs)
         self._gv: list[np.ndarray] | None = None  # per parameter, allocated on the first SAM step
         self._gv_norm = 0.0

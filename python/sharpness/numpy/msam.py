@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from sharpness import _core
+from sharpness._validation import number
 from sharpness.numpy.sam import SAM
 
 __all__ = ["MSharpnessSAM"]
@@ -46,8 +47,7 @@ class MSharpnessSAM(SAM):
     """
 
     def __init__(self, params: Sequence[np.ndarray], micro_batches: int = 2, **kwargs: Any) -> None:
-        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+        micro_batches = number("micro_batches", micro_batches, minimum=1, integer=True)
         super().__init__(params, **kwargs)
         self.micro_batches = micro_batches
 

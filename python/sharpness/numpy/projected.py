@@ -6,7 +6,7 @@ Each is :class:`~sharpness.numpy.SAM` with another perturbation or another updat
 
 * GSAM (Zhuang et al., ICLR 2022, arXiv:2203.08065): the base step takes ``g_p − α g_⊥``, with
   ``g_⊥`` the part of ``g = ∇L(w)`` orthogonal to ``g_p = ∇L(w + e)``; ``ρ`` follows the
-  learning rate.
+  learning rate, clamped to ``[ρ_min, ρ_max]``.
 * Friendly SAM (Li et al., CVPR 2024, arXiv:2403.12350): the perturbation follows
   ``d = g − σ m``, ``m`` an exponential moving average of the raw gradients.
 * WSAM (Yue et al., KDD 2023, arXiv:2305.15817): the sharpness ``L(w + e) − L(w)`` enters with
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from sharpness import _core
+from sharpness._validation import number
 from sharpness.numpy.sam import SAM, _flag, _real
 
 __all__ = ["GSAM", "FriendlySAM", "WSAM", "MongeSAM"]
@@ -39,10 +40,14 @@ _EPS0 = 1e-12  # added to norms before dividing, as SAM does
 
 
 def _nonneg(name: str, value: Any) -> float:
-    value = _real(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+    return number(name, value, minimum=0)
+
+
+def _check_rho_ends(rho_min: float, rho_max: float) -> None:
+    if rho_min > rho_max:
+        raise ValueError(
+            f"rho_min ({rho_min}) must not exceed rho ({rho_max}): GSAM's ρ_t is clamped to [rho_min, rho]"
+        )
 
 
 def _same_arrays(name: str, arrays: Any, params: list[np.ndarray]) -> None:
@@ -135,6 +140,7 @@ class GSAM(_Variant):
     Algorithm (the paper's Algorithm 1, as :class:`sharpness.GSAM`)::
 
         ρ_t = ρ_min + (ρ_max − ρ_min)(lr_t − lr_min)/(lr_max − lr_min)   (ρ_max if lr_max = lr_min)
+        ρ_t ← min(ρ_max, max(ρ_min, ρ_t))               never outside the schedule's ends
         g   = ∇L(w);  e = ρ_t g/(‖g‖ + 1e-12);  g_p = ∇L(w + e)
         g_⊥ = g − (⟨g, g_p⟩/‖g_p‖²) g_p                  (c = 0 when g_p = 0)
         w   ← base_step(w, g_p − α g_⊥)                  from the exact saved w
@@ -142,7 +148,9 @@ class GSAM(_Variant):
     ``ρ_t`` is computed from ``hyperparams["lr"]`` at each :meth:`first_step` (so a schedule that
     sets :attr:`lr` drives it) and written to ``hyperparams["rho"]``; the schedule's ends are the
     attributes ``rho_max``, ``rho_min``, ``lr_max``, ``lr_min`` (saved in :meth:`state_dict`
-    under ``"gsam"``). ``α = 0`` with ``rho_min=None`` is :class:`~sharpness.numpy.SAM` bit for
+    under ``"gsam"``). The clamp keeps ``ρ_t`` at ``ρ_max`` while ``lr`` exceeds ``lr_max`` (a
+    warm-up, OneCycle's peak) and at ``ρ_min`` below ``lr_min``; ``ρ_min > ρ_max`` raises
+    ``ValueError``. ``α = 0`` with ``rho_min=None`` is :class:`~sharpness.numpy.SAM` bit for
     bit. ``g`` is kept during the step in a buffer of the optimizer, and ``g_p − α g_⊥`` is
     written to another (``(1 + αc) g_p − α g`` in one ``axpby`` pass). After a non-finite
     ``‖g‖`` the step is the plain base step with ``g_p``, as for SAM.
@@ -151,9 +159,10 @@ class GSAM(_Variant):
         params: as for :class:`~sharpness.numpy.SAM`.
         rho: ``ρ_max``.
         alpha: ``α``, the weight of the orthogonal component (0.1; the paper tunes 0.01–0.3).
-        rho_min: ``ρ_min``; ``None`` keeps ``ρ = ρ_max`` (no schedule).
-        lr_max: the learning rate at which ``ρ_t = ρ_max`` (default: ``lr`` at construction).
-        lr_min: the learning rate at which ``ρ_t = ρ_min`` (0).
+        rho_min: ``ρ_min`` (at most ``rho``); ``None`` keeps ``ρ = ρ_max`` (no schedule).
+        lr_max: the learning rate at and above which ``ρ_t = ρ_max`` (default: ``lr`` at
+            construction; with a warm-up, give the peak learning rate).
+        lr_min: the learning rate at and below which ``ρ_t = ρ_min`` (0).
         adaptive, eta, base, **base_kwargs: as for :class:`~sharpness.numpy.SAM`.
 
     Example:
@@ -196,18 +205,23 @@ class GSAM(_Variant):
         self.rho_min: float = self.rho_max if rho_min is None else rho_min
         self.lr_max: float = self.hyperparams["lr"] if lr_max is None else lr_max
         self.lr_min: float = lr_min
+        _check_rho_ends(self.rho_min, self.rho_max)
         self._g: list[np.ndarray] | None = None  # g, from first_step to second_step
         self._scratch: list[np.ndarray] | None = None  # g_p − α g_⊥
         self._keep = False  # this step's first_step perturbed and kept g
 
     def rho_t(self) -> float:
-        """``ρ_t`` at the current learning rate (never below 0)."""
+        """``ρ_t`` at the current learning rate, clamped to ``[ρ_min, ρ_max]``."""
         rho_max, rho_min, lr_max, lr_min = self.rho_max, self.rho_min, self.lr_max, self.lr_min
         if rho_max == 0.0:
             return 0.0
+        _check_rho_ends(rho_min, rho_max)  # the attributes may have been changed since
         if rho_min == rho_max or lr_max == lr_min:
             return rho_max
-        return max(0.0, rho_min + (rho_max - rho_min) * (self.hyperparams["lr"] - lr_min) / (lr_max - lr_min))
+        rho = rho_min + (rho_max - rho_min) * (self.hyperparams["lr"] - lr_min) / (lr_max - lr_min)
+        # An lr outside [lr_min, lr_max] (a warm-up, OneCycle's peak above the lr at
+        # construction) would carry ρ_t past the ends of the schedule.
+        return min(rho_max, max(rho_min, rho))
 
     def first_step(self, grads: Sequence[np.ndarray]) -> float:
         """As :meth:`SAM.first_step <sharpness.numpy.SAM.first_step>`, with ``rho`` set to
@@ -262,6 +276,7 @@ class GSAM(_Variant):
         if not isinstance(extra, dict) or {"rho_max", "rho_min", "lr_max", "lr_min"} - set(extra):
             raise ValueError("state_dict['gsam'] must be a dict with rho_max, rho_min, lr_max and lr_min")
         ends = {k: _nonneg(f"state_dict['gsam'][{k!r}]", extra[k]) for k in ("rho_max", "rho_min", "lr_max", "lr_min")}
+        _check_rho_ends(ends["rho_min"], ends["rho_max"])
         super().load_state_dict(state_dict)
         self.rho_max, self.rho_min = ends["rho_max"], ends["rho_min"]
         self.lr_max, self.lr_min = ends["lr_max"], ends["lr_min"]
@@ -330,9 +345,7 @@ class FriendlySAM(_Variant):
         **base_kwargs: Any,
     ) -> None:
         self.sigma = _real("sigma", sigma)
-        self.lmbda = _real("lmbda", lmbda)
-        if not 0.0 <= self.lmbda <= 1.0:
-            raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda}")
+        self.lmbda = number("lmbda", lmbda, minimum=0, maximum=1)
         super().__init__(params, rho=rho, adaptive=adaptive, eta=eta, base=base, **base_kwargs)
         self._m: list[np.ndarray] | None = None  # the moving average, from the first perturbed step
         self._scratch: list[np.ndarray] | None = None  # d
@@ -453,9 +466,7 @@ class WSAM(_Variant):
         base: str = "sgd",
         **base_kwargs: Any,
     ) -> None:
-        self.gamma = _real("gamma", gamma)
-        if not 0.0 <= self.gamma < 1.0:
-            raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")
+        self.gamma = number("gamma", gamma, minimum=0, below=1)
         #: ``α = γ/(1 − γ)``, the weight of the sharpness.
         self.alpha: float = self.gamma / (1.0 - self.gamma)
         self.decouple: bool = _flag("decouple", decouple)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from sharpness import _core
+from sharpness._validation import number
 from sharpness.numpy.sam import SAM
 
 __all__ = ["RandomSAM"]
@@ -42,20 +43,12 @@ _HOW_TO_CALL = (
 )
 
 
-def _real_number(value: Any) -> bool:
-    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
-
-
 def _check_sigma(sigma: Any) -> float:
-    if not _real_number(sigma) or not (sigma >= 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    return float(sigma)
+    return number("sigma", sigma, minimum=0)
 
 
 def _check_lambda(lambda_: Any) -> float:
-    if not _real_number(lambda_) or not (lambda_ > 0 and math.isfinite(lambda_)):
-        raise ValueError(f"lambda_ must be a finite number > 0, got {lambda_!r}")
-    return float(lambda_)
+    return number("lambda_", lambda_, above=0)
 
 
 class RandomSAM(SAM):

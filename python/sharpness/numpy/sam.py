@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sharpness import _core
+from sharpness._validation import flag, number, pair
 
 __all__ = ["SAM"]
 
@@ -58,18 +59,11 @@ _SAM_KEYS = ("rho", "adaptive", "eta")
 
 
 def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    return number(name, value)
 
 
 def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
+    return flag(name, value)
 
 
 def _check_hyperparams(base: str, hp: dict[str, Any]) -> dict[str, Any]:
@@ -82,41 +76,22 @@ def _check_hyperparams(base: str, hp: dict[str, Any]) -> dict[str, Any]:
             f"accepted: {', '.join(sorted(_BASE_DEFAULTS[base]))}"
         )
     out: dict[str, Any] = {}
-    out["rho"] = _real("rho", hp["rho"])
-    if out["rho"] < 0:
-        raise ValueError(f"rho must be >= 0, got {out['rho']}")
-    out["adaptive"] = _flag("adaptive", hp["adaptive"])
-    out["eta"] = _real("eta", hp["eta"])
-    if out["eta"] < 0:
-        raise ValueError(f"eta must be >= 0, got {out['eta']}")
-    out["lr"] = _real("lr", hp["lr"])
-    if out["lr"] < 0:
-        raise ValueError(f"lr must be >= 0, got {out['lr']}")
-    out["weight_decay"] = _real("weight_decay", hp["weight_decay"])
-    if out["weight_decay"] < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {out['weight_decay']}")
-    out["maximize"] = _flag("maximize", hp["maximize"])
+    out["rho"] = number("rho", hp["rho"], minimum=0)
+    out["adaptive"] = flag("adaptive", hp["adaptive"])
+    out["eta"] = number("eta", hp["eta"], minimum=0)
+    out["lr"] = number("lr", hp["lr"], minimum=0)
+    out["weight_decay"] = number("weight_decay", hp["weight_decay"], minimum=0)
+    out["maximize"] = flag("maximize", hp["maximize"])
     if base == "sgd":
-        out["momentum"] = _real("momentum", hp["momentum"])
-        if out["momentum"] < 0:
-            raise ValueError(f"momentum must be >= 0, got {out['momentum']}")
-        out["dampening"] = _real("dampening", hp["dampening"])
+        out["momentum"] = number("momentum", hp["momentum"], minimum=0)
+        out["dampening"] = number("dampening", hp["dampening"])
         out["nesterov"] = _flag("nesterov", hp["nesterov"])
         if out["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
     else:
-        betas = hp["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        b1, b2 = _real("betas[0]", betas[0]), _real("betas[1]", betas[1])
-        for i, b in enumerate((b1, b2)):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
-        out["betas"] = (b1, b2)
-        out["eps"] = _real("eps", hp["eps"])
-        if out["eps"] < 0:
-            raise ValueError(f"eps must be >= 0, got {out['eps']}")
-        out["amsgrad"] = _flag("amsgrad", hp["amsgrad"])
+        out["betas"] = pair("betas", hp["betas"], minimum=0, below=1)
+        out["eps"] = number("eps", hp["eps"], minimum=0)
+        out["amsgrad"] = flag("amsgrad", hp["amsgrad"])
     return out
 
 
@@ -277,10 +252,7 @@ class SAM:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        value = _real("lr", value)
-        if value < 0:
-            raise ValueError(f"lr must be >= 0, got {value}")
-        self.hyperparams["lr"] = value
+        self.hyperparams["lr"] = number("lr", value, minimum=0)
 
     @property
     def perturbed(self) -> bool:

@@ -9,7 +9,8 @@ arXiv:2410.10683::
 
 with ``∇f(y_0) = 0`` (the official code's start). Same rules as the torch front: the combined
 gradient feeds the base optimizer (SGD, Adam or AdamW), ``y`` is always the plain step
-``x_t − lr·∇f(y_t)``; the same kernels, so with the same gradients both fronts give the same
+``x_t − lr·∇f(y_t)``; a non-finite ``∇f(y_{t+1})`` is skipped (not kept; that step's update is
+``∇f(x̃_t)`` alone); the same kernels, so with the same gradients both fronts give the same
 weights.
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from sharpness import _core
+from sharpness._validation import number
 from sharpness.numpy.sam import SAM
 
 __all__ = ["SAMPa"]
@@ -36,6 +38,13 @@ class SAMPa(SAM):
     then ``x̃_t`` (``step(grad_fn, grad_fn_y)`` uses ``grad_fn_y`` at ``y_{t+1}``); afterwards
     they hold ``x_{t+1}``, from the exact saved ``x_t``. Returns the first call's loss. Three
     calls instead: ``begin_step()``; ``first_step(grads_at_y)``; ``second_step(grads_at_x̃)``.
+
+    Non-finite gradients, as on the torch front: a ``∇f(y_{t+1})`` with an inf/NaN is skipped,
+    never kept: ``∇f(y_t)`` (the last finite one; zero before any) stays for the next step's ``y``
+    and ``x̃``, this step's update is ``d = ∇f(x̃_t)`` (the ``λ`` term dropped), and
+    ``state_dict()["nonfinite_steps"]`` counts it; the next finite ``∇f(y)`` is kept and the
+    formula resumes. A non-finite ``∇f(x̃_t)`` goes to the base step inside ``d`` as it is (as
+    SAM's second gradient does).
 
     Args:
         params: as for :class:`~sharpness.numpy.SAM`.
@@ -61,17 +70,15 @@ class SAMPa(SAM):
     def __init__(
         self, params: Sequence[np.ndarray], rho: float = 0.1, lam: float = 0.2, base: str = "sgd", **base_kwargs: Any
     ) -> None:
-        if isinstance(lam, bool) or not isinstance(lam, (int, float, np.integer, np.floating)):
-            raise TypeError(f"lam must be a real number, got {type(lam).__name__}")
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        lam = number("lam", lam, minimum=0, maximum=1)
         if base_kwargs.get("adaptive"):
             raise ValueError("SAMPa has no adaptive (ASAM) form here")
-        self.lam = float(lam)
+        self.lam = lam
         super().__init__(params, rho=rho, base=base, **base_kwargs)
         self._gy = [np.zeros_like(p) for p in self.params]  # ∇f(y_t)
         self._gy_norm = 0.0
         self._have_gy = False
+        self._gy_kept = True  # whether this step's ∇f(y_{t+1}) was finite (and kept)
         self._phase: str | None = None  # None, "at_y" or "at_x"
         self._scratch: list[np.ndarray] | None = None
 
@@ -86,7 +93,7 @@ class SAMPa(SAM):
             _core.restore(grp.backups, grp.params)
         self._perturbed = True
         self._phase = "at_y"
-        if self._have_gy:
+        if self._have_gy and math.isfinite(self._gy_norm):
             lr = self.hyperparams["lr"]
             scale = lr if self.hyperparams["maximize"] else -lr
             if scale != 0.0:
@@ -95,7 +102,8 @@ class SAMPa(SAM):
 
     def first_step(self, grads: Sequence[np.ndarray]) -> float:
         """With ``grads = ∇f(y_{t+1})``: keeps them and moves the arrays to ``x̃_t``. Returns
-        ``‖∇f(y_{t+1})‖``, the norm the next step's perturbation is scaled by."""
+        ``‖∇f(y_{t+1})‖``, the norm the next step's perturbation is scaled by; when it is not
+        finite (inf or nan) the gradients are not kept (class docstring)."""
         if self._phase != "at_y":
             raise RuntimeError("first_step needs begin_step() (and the gradients at y) before it; or use step(grad_fn)")
         by_group = self._grads_by_group(grads)
@@ -107,16 +115,23 @@ class SAMPa(SAM):
                 scale = self.hyperparams["rho"] / (self._gy_norm + 1e-12)
                 if self.hyperparams["maximize"]:
                     scale = -scale
-            else:
+            else:  # only from a state saved before non-finite ∇f(y) were refused
                 self._nonfinite += 1
+        # A non-finite ∇f(y_{t+1}) is skipped (class docstring): kept, it would send every later
+        # y and x̃ to NaN. ∇f(y_t) stays for the next step; this step's d is ∇f(x̃_t) alone.
+        self._gy_kept = math.isfinite(new_norm)
         gy_groups = self._by_group(self._gy)
         for grp, gy, g in zip(self._groups, gy_groups, by_group):
             _core.restore(grp.params, grp.backups)
             if scale != 0.0:
                 _core.axpby(gy, grp.params, scale, 1.0)
-            _core.restore(gy, g)
-        self._gy_norm = new_norm
-        self._have_gy = True
+            if self._gy_kept:
+                _core.restore(gy, g)
+        if self._gy_kept:
+            self._gy_norm = new_norm
+            self._have_gy = True
+        else:
+            self._nonfinite += 1
         self._phase = "at_x"
         return new_norm
 
@@ -126,7 +141,7 @@ class SAMPa(SAM):
         if self._phase != "at_x":
             raise RuntimeError("second_step needs first_step(grads_at_y) before it; or use step(grad_fn)")
         by_group = self._grads_by_group(grads)
-        if self.lam != 0.0:
+        if self.lam != 0.0 and self._gy_kept:
             if self._scratch is None:
                 self._scratch = [np.empty_like(p) for p in self.params]
             direction = self._by_group(self._scratch)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from sharpness import _core
+from sharpness._validation import number
 from sharpness.numpy.sam import SAM, _EPS0
 
 __all__ = ["SSAMF", "SSAMD"]
@@ -43,12 +44,7 @@ _STRATEGIES = ("gradient", "weight", "random")
 
 
 def _fraction(name: str, value: Any, closed_top: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (0.0 <= value <= 1.0) or (value == 1.0 and not closed_top):
-        raise ValueError(f"{name} must be a number in [0, 1{']' if closed_top else ')'}, got {value!r}")
-    return value
+    return number(name, value, minimum=0, maximum=1) if closed_top else number(name, value, minimum=0, below=1)
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
@@ -233,7 +229,14 @@ class SSAMF(_SparseSAM):
     Estimating ``F``: call :meth:`accumulate_fisher` with each sample's gradient (or a
     micro-batch's: a coarser estimate), then :meth:`update_mask`, which takes the top-k and resets
     the sum; :meth:`fisher_from` does both over one ``grad_fn`` per sample. A ready score can be
-    given to :meth:`update_mask` instead. Until the first mask the perturbation is SAM's;
+    given to :meth:`update_mask` instead. ``F`` is ``Σ_i g_i²`` over the samples given, the
+    empirical Fisher the paper defines. The official code (``solver/sam.py``, ``SSAMF.step`` and
+    ``update_mask``) refreshes the mask right after a SAM step without zeroing the gradients:
+    they still hold that step's ``g̃ = ∇L(w + e)``, so its first sample adds ``(g̃ + g₁)²`` (the
+    later ones ``g_i²``). That side effect of its loop (one of its ``num_samples``, 1024 by
+    default) is not reproduced here; to reproduce it, give :meth:`accumulate_fisher` the sum
+    ``g̃ + g₁`` for the first sample. Until the first mask the perturbation is SAM's (the official
+    code starts from an all-zero mask: its first step is the base step on ``g``);
     ``s = 0`` is :class:`~sharpness.numpy.SAM` bit for bit. A sample gradient that is not finite is
     left out of ``F`` (:meth:`accumulate_fisher` returns False). The mask, the running sum and its
     sample count are in :meth:`state_dict` (key ``"ssam"``).
@@ -409,8 +412,8 @@ class SSAMD(_SparseSAM):
             if value not in _STRATEGIES:
                 raise ValueError(f"{name} must be one of {_STRATEGIES}, got {value!r}")
         self.drop_strategy, self.growth_strategy = drop_strategy, growth_strategy
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        if seed is not None:
+            seed = number("seed", seed, minimum=0, integer=True)
         super().__init__(params, sparsity=sparsity, rho=rho, base=base, **base_kwargs)
         #: The random source of the initial mask and of the ``"random"`` scores.
         self.generator: np.random.Generator = np.random.default_rng(seed)

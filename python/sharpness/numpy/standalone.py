@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from sharpness import _core
-from sharpness.numpy.sam import _check_params, _Group, _real
+from sharpness._validation import number, pair
+from sharpness.numpy.sam import _check_params, _Group
 
 __all__ = ["AdaSAM", "BayesianSAM"]
 
@@ -35,20 +36,11 @@ GradFn = Callable[[list[np.ndarray]], tuple[Any, Sequence[np.ndarray]]]
 
 
 def _bounded(name: str, value: Any, positive: bool = False) -> float:
-    value = _real(name, value)
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
-    return value
+    return number(name, value, above=0) if positive else number(name, value, minimum=0)
 
 
 def _betas(value: Any) -> tuple[float, float]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {value!r}")
-    b1, b2 = _real("betas[0]", value[0]), _real("betas[1]", value[1])
-    for i, b in enumerate((b1, b2)):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
-    return (b1, b2)
+    return pair("betas", value, minimum=0, below=1)
 
 
 class _Standalone:

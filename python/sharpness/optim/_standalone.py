@@ -12,7 +12,6 @@ the torch engine).
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sharpness._validation import number
 from sharpness.optim.sam import SAM, profiled
 
 _EPS = 1e-12  # added to norms before dividing, as SAM does
@@ -90,7 +90,9 @@ class StandaloneSAM(SAM):
         with profiled(f"{type(self).__name__}.first_step"):
             engines = self._begin()
             self._unscale_first_gradient(engines, grad_scaler)
-            if self._ascend(engines):
+            with self._restored_on_failure(engines):
+                ascended = self._ascend(engines)
+            if ascended:
                 self._pending = "perturbed"
             else:
                 self.stats["nonfinite_skips"] += 1
@@ -122,7 +124,4 @@ class StandaloneSAM(SAM):
 
 
 def check_positive(name: str, value: float, allow_zero: bool = True) -> float:
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
-    return float(value)
+    return number(name, value, minimum=0) if allow_zero else number(name, value, above=0)

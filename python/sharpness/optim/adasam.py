@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sharpness._validation import pair
 from sharpness.optim._standalone import StandaloneSAM, check_positive
 
 _M, _V, _VMAX = "adasam_m", "adasam_v", "adasam_vmax"
@@ -72,11 +73,9 @@ class AdaSAM(StandaloneSAM):
         same_noise: bool = True,
         seed: int | None = None,
     ) -> None:
-        check_positive("lr", lr)
-        check_positive("eps", eps, allow_zero=False)
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        lr = check_positive("lr", lr)
+        eps = check_positive("eps", eps, allow_zero=False)
+        b1, b2 = pair("betas", betas, minimum=0, below=1)
         super().__init__(params, rho=rho, backend=backend, same_noise=same_noise, seed=seed, lr=lr, betas=(b1, b2), eps=eps)
 
     def _update(self, engines: list) -> None:

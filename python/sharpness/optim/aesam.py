@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from sharpness._validation import number
 from sharpness.optim.sam import SAM
 
 #: σ²_{−1}: a tiny positive variance, so the first threshold is finite and well defined.
@@ -34,14 +35,14 @@ def threshold_coefficient(t: int, total_steps: int, lambda1: float, lambda2: flo
     return frac * lambda1 + (1.0 - frac) * lambda2
 
 
-def check_aesam_args(total_steps: Any, delta: Any, lambda1: Any, lambda2: Any) -> None:
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
-    if not (isinstance(delta, (int, float)) and 0.0 <= delta < 1.0):
-        raise ValueError(f"delta must be a number in [0, 1), got {delta!r}")
-    for name, value in (("lambda1", lambda1), ("lambda2", lambda2)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+def check_aesam_args(total_steps: Any, delta: Any, lambda1: Any, lambda2: Any) -> tuple[int, float, float, float]:
+    """The four checked and normalised (both fronts share this)."""
+    return (
+        number("total_steps", total_steps, minimum=1, integer=True),
+        number("delta", delta, minimum=0, below=1),
+        number("lambda1", lambda1),
+        number("lambda2", lambda2),
+    )
 
 
 class AESAM(SAM):
@@ -115,11 +116,7 @@ class AESAM(SAM):
         lambda2: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        check_aesam_args(total_steps, delta, lambda1, lambda2)
-        self.total_steps = total_steps
-        self.delta = float(delta)
-        self.lambda1 = float(lambda1)
-        self.lambda2 = float(lambda2)
+        self.total_steps, self.delta, self.lambda1, self.lambda2 = check_aesam_args(total_steps, delta, lambda1, lambda2)
         super().__init__(params, base_optimizer, **kwargs)
         self.sam_state.update(mu=0.0, var=VAR_INIT, sam_steps=0)
 

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sharpness._validation import pair
+from sharpness.backends.torch_foreach import real_view
 from sharpness.optim._standalone import StandaloneSAM, check_positive
 
 _S, _GM = "bsam_s", "bsam_gm"
@@ -109,15 +111,12 @@ class BayesianSAM(StandaloneSAM):
         same_noise: bool = True,
         seed: int | None = None,
     ) -> None:
-        if not (isinstance(num_data, (int, float)) and num_data > 0 and math.isfinite(num_data)):
-            raise ValueError(f"num_data must be a positive number, got {num_data!r}")
-        check_positive("lr", lr)
-        check_positive("weight_decay", weight_decay)
-        check_positive("damping", damping)
-        check_positive("s_init", s_init, allow_zero=False)
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        num_data = check_positive("num_data", num_data, allow_zero=False)
+        lr = check_positive("lr", lr)
+        weight_decay = check_positive("weight_decay", weight_decay)
+        damping = check_positive("damping", damping)
+        s_init = check_positive("s_init", s_init, allow_zero=False)
+        b1, b2 = pair("betas", betas, minimum=0, below=1)
         self._noisy = False
         super().__init__(
             params, rho=rho, backend=backend, same_noise=same_noise, seed=seed, lr=lr, betas=(b1, b2),
@@ -138,8 +137,8 @@ class BayesianSAM(StandaloneSAM):
         engines = self._begin()
         for engine in engines:
             engine.save_weights()
-            p0 = engine.params[0]
-            n = sum(p.numel() for p in engine.params)
+            p0 = real_view(engine.params[0])  # complex parameters: their real pairs, as everywhere
+            n = sum(real_view(p).numel() for p in engine.params)
             noise = torch.randn(n, generator=self.generator, dtype=p0.dtype).to(p0.device)
             for gi, (w, s, z) in engine.group_tensors(["weights", _S, noise], self.state, init=self._s_init(), every=True).items():
                 std = torch._foreach_mul(s, self.param_groups[gi]["num_data"])
@@ -197,10 +196,11 @@ class BayesianSAM(StandaloneSAM):
 
     def posterior_std(self) -> list[list[Tensor]]:
         """``1/√(N s)`` per group, one tensor per parameter that has ``s`` (the posterior's
-        standard deviation, for sampling predictions)."""
+        standard deviation, for sampling predictions). For a complex parameter, one per real
+        coordinate: the tensor has the shape of ``torch.view_as_real(p)``."""
         out = []
         for group in self.param_groups:
-            out.append([(1.0 / (group["num_data"] * self.state[p][_S]).sqrt()) for p in group["params"] if _S in self.state[p]])
+            out.append([(1.0 / (group["num_data"] * real_view(self.state[p][_S])).sqrt()) for p in group["params"] if _S in self.state[p]])
         return out
 
     def state_dict(self) -> dict[str, Any]:

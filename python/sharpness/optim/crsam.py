@@ -16,7 +16,6 @@ along ``ĝ`` changes with ``w``). ``γ = β = 0`` is SAM.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 
 from sharpness.optim._closure_only import ClosureOnlySAM, run_closure_passes
+from sharpness._validation import number
 from sharpness.optim._standalone import check_positive
 from sharpness.backends._common import scale_of
 
@@ -50,9 +50,11 @@ class CRSAM(ClosureOnlySAM):
     Args:
         params, base_optimizer, backend, same_noise, seed, **base_kwargs: as for
             :class:`sharpness.SAM`.
-        rho: ``ρ`` (0.1: the official default).
-        gamma: ``γ``, the weight of the second difference (0.1, the official default).
-        beta: ``β``, the weight of the first difference (0.1, the official default).
+        rho: ``ρ`` (0.1: the default of the official class, ``utils/crsam.py``, and of its
+            training script, ``crsam_train.py``).
+        gamma: ``γ``, the weight of the second difference (0.1: likewise both).
+        beta: ``β``, the weight of the first difference (0.1: the official class's default,
+            followed here; the official training script runs ``--beta 0.01``).
 
     Example:
         >>> import torch, sharpness
@@ -81,10 +83,7 @@ class CRSAM(ClosureOnlySAM):
         seed: int | None = None,
         **base_kwargs: Any,
     ) -> None:
-        for name, value in (("gamma", gamma), ("beta", beta)):
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
-        self.gamma, self.beta = float(gamma), float(beta)
+        self.gamma, self.beta = number("gamma", gamma), number("beta", beta)
         super().__init__(params, base_optimizer, rho=check_positive("rho", rho), backend=backend, same_noise=same_noise, seed=seed, **base_kwargs)
 
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> bool:  # type: ignore[override]

@@ -12,7 +12,9 @@ github.com/dydjw9/Efficient_SAM). Two savings on SAM's step:
   of one step for the first pass of the next, and unfreezes all before the perturbation).
 * Sharpness-sensitive data selection (SDS, ``γ``): the second pass (at ``w + e``) runs on the
   fraction ``γ`` of the batch whose loss rose most, ``L_i(w + e) − L_i(w)``; the per-sample losses
-  at ``w + e`` take one extra forward pass without gradient.
+  at ``w + e`` take one extra forward pass without gradient. A base optimizer with
+  ``maximize=True`` runs SAM on ``−L`` (the perturbation goes along ``−g``), so the ranking is by
+  the rise of ``−L``, ``L_i(w) − L_i(w + e)``: maximising ``L`` is minimising ``−L``, step for step.
 
 Every tensor, perturbed or not, steps with the second gradient ``∇L_{B⁺}(w + e)`` (the official
 code unfreezes every tensor before the second pass and lets the base optimizer step on all).
@@ -28,14 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sharpness._validation import number
 from sharpness.backends.rust import RustEngine
 from sharpness.optim.sam import SAM, _RandomState
 
 
 def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
+    return number(name, value, above=0, maximum=1)
 
 
 class ESAM(SAM):
@@ -48,6 +49,7 @@ class ESAM(SAM):
         g   = ∇L_B(w)                   only for the tensors in S (requires_grad off for the rest)
         e_p = ρ g_p / (β (‖g_S‖ + 1e-12))   for p in S;  e_p = 0 otherwise
         B⁺  = the ⌊γ|B|⌋ samples (at least 1) with the largest L_i(w + e) − L_i(w)
+              (maximize=True: the largest L_i(w) − L_i(w + e), the rise of −L)
         w   ← base_step(w, ∇L_{B⁺}(w + e))  for every tensor
 
     The norm is over the tensors in ``S`` only, as in the official code (the others have no
@@ -181,7 +183,10 @@ class ESAM(SAM):
         """The indices (ascending) of the ``⌊γ·B⌋`` samples (at least 1) whose loss rose most from
         ``w`` to ``w + e``: ``loss_after − loss_before``, both of shape ``[B]`` (ties go to the
         earlier samples). All of them, in order, when ``γ = 1``. (The official code keeps those strictly above the ``k``-th largest
-        rise, one fewer; here exactly ``k``.)"""
+        rise, one fewer; here exactly ``k``.) When the base optimizer maximizes (its groups have
+        ``maximize=True``), the objective is ``−L``: the samples whose loss fell most,
+        ``loss_before − loss_after``, are kept. Groups that mix ``maximize`` have no one
+        objective to rank by: ``ValueError`` (when ``γ < 1``)."""
         if loss_before.dim() != 1 or loss_before.shape != loss_after.shape:
             raise ValueError(
                 f"select() needs two per-sample loss vectors of one shape [B], got "
@@ -191,7 +196,15 @@ class ESAM(SAM):
         k = max(1, math.floor(self.gamma * n + 1e-9))
         if k >= n:
             return torch.arange(n, device=loss_before.device)
+        maximize = {bool(group.get("maximize", False)) for group in self.param_groups}
+        if len(maximize) > 1:
+            raise ValueError(
+                "ESAM's data selection (gamma < 1) ranks the samples by the rise of one objective, "
+                "but the parameter groups mix maximize=True and maximize=False"
+            )
         rise = loss_after.detach() - loss_before.detach()
+        if True in maximize:  # the perturbation ascends −L: rank by the rise of −L
+            rise = -rise
         order = torch.sort(rise, descending=True, stable=True).indices  # ties: earlier samples first
         return order[:k].sort().values
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from sharpness._validation import number
 from sharpness.optim._state import load_vectors, new_vectors, save_vectors
 from sharpness.optim.sam import SAM
 
@@ -69,12 +70,8 @@ class FriendlySAM(SAM):
     needs_unscaled_first_gradient = "its moving average of the first gradient would hold scaled gradients"
 
     def __init__(self, params: Any, base_optimizer: Any, sigma: float = 1.0, lmbda: float = 0.9, **kwargs: Any) -> None:
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma):
-            raise ValueError(f"sigma must be a finite number, got {sigma!r}")
-        if isinstance(lmbda, bool) or not isinstance(lmbda, (int, float)) or not (0.0 <= lmbda <= 1.0):
-            raise ValueError(f"lmbda must be a number in [0, 1], got {lmbda!r}")
-        self.sigma = float(sigma)
-        self.lmbda = float(lmbda)
+        self.sigma = number("sigma", sigma)
+        self.lmbda = number("lmbda", lmbda, minimum=0, maximum=1)
         super().__init__(params, base_optimizer, **kwargs)
         self.sam_state["fsam_started"] = False
         self.vectors = new_vectors()

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from sharpness.optim._closure_only import ClosureOnlySAM, run_closure_passes
+from sharpness._validation import number
 from sharpness.optim._standalone import _EPS, check_positive
 
 _G0, _G1 = "gam_g0", "gam_g1"  # g₀ (then p) and g₁, in the optimizer state
@@ -57,11 +58,27 @@ class GAM(ClosureOnlySAM):
     Args:
         params, base_optimizer, backend, same_noise, seed, **base_kwargs: as for
             :class:`sharpness.SAM`.
-        rho: ``ρ`` (the official ``grad_rho``; 0.05 here, tuned per task in the paper).
-        norm_rho: ``ρ'`` (``grad_norm_rho``, 0.2 in the official configurations).
-        beta1, beta2, beta3: the weights of ``g₁``, ``g₂``, ``g₃`` (1, 1, 1: the official
-            defaults ``grad_beta_1/2/3``).
-        gamma: ``γ`` of the decomposition (0.1, ``grad_gamma``).
+        rho: ``ρ``, the radius of the two SAM moves (the official ``grad_rho``; 0.05 here).
+        norm_rho: ``ρ'``, the radius of the move along ``d`` (``grad_norm_rho``; 0.2, as in
+            every official setting). The authors' README names the two the other way round
+            (``ρ_t`` = ``grad_norm_rho``, ``ρ'_t`` = ``grad_rho``).
+        beta1, beta2, beta3: the weights of ``g₁``, ``g₂``, ``g₃`` (``grad_beta_1``,
+            ``|grad_beta_2|``, ``grad_beta_3``; 1, 1, 1 here).
+        gamma: ``γ`` of the decomposition (``grad_gamma``; 0.1 here).
+
+    Defaults. The official class (github.com/xxgege/GAM, ``gam/gam.py``) has none for these: it
+    reads ``args``. Its training script ``main_cifar.py`` has the argparse defaults
+    ``grad_beta_0 = grad_beta_1 = 1``, ``grad_beta_2 = −1``, ``grad_beta_3 = 1``,
+    ``grad_gamma = 0.03``, ``grad_rho = 0.02``, ``grad_norm_rho = 0.2``, then sets per task
+    ``(grad_rho, grad_beta_0, grad_beta_1, grad_gamma)``: CIFAR-100 ResNet (0.02, 0.5, 0.6, 0.03),
+    PyramidNet (0.04, 0.3, 0.5, 0.05); CIFAR-10 ResNet (0.03, 0.1, 0.1, 0.05), PyramidNet
+    (0.03, 0.1, 0.1, 0.03), and always overwrites ``grad_beta_2 = 1 − grad_beta_0`` and
+    ``grad_beta_3 = 1 − grad_beta_1`` (``grad_beta_0`` is used only there). So the script never
+    runs ``β₂ = β₃ = 1``: its CIFAR-100 ResNet run is ``rho=0.02, norm_rho=0.2, beta1=0.6,
+    beta2=0.5, beta3=0.4, gamma=0.03``, and with its bare argparse defaults it runs ``β₁ = 1,
+    β₂ = β₃ = 0, γ = 0.03``. The defaults here (``β₁ = β₂ = β₃ = 1``, ``γ = 0.1``, ``ρ = 0.05``)
+    follow neither: they weigh the four gradients equally; pass the script's values to reproduce
+    a run of it.
 
     Example:
         >>> import torch, sharpness
@@ -95,10 +112,8 @@ class GAM(ClosureOnlySAM):
         **base_kwargs: Any,
     ) -> None:
         self.norm_rho = check_positive("norm_rho", norm_rho)
-        for name, value in (("beta1", beta1), ("beta2", beta2), ("beta3", beta3), ("gamma", gamma)):
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
-        self.beta1, self.beta2, self.beta3, self.gamma = float(beta1), float(beta2), float(beta3), float(gamma)
+        self.beta1, self.beta2, self.beta3 = number("beta1", beta1), number("beta2", beta2), number("beta3", beta3)
+        self.gamma = number("gamma", gamma)
         super().__init__(params, base_optimizer, rho=rho, backend=backend, same_noise=same_noise, seed=seed, **base_kwargs)
 
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> bool:  # type: ignore[override]

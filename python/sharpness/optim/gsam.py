@@ -14,6 +14,9 @@ the part of its gradient orthogonal to ``∇f_p`` (Algorithm 1)::
 ``ProportionScheduler``)::
 
     ρ_t = ρ_min + (ρ_max − ρ_min)·(lr_t − lr_min)/(lr_max − lr_min)     (ρ_max when lr_max = lr_min)
+
+clamped to ``[ρ_min, ρ_max]``: a learning rate above ``lr_max`` (a warm-up, OneCycle) gives
+``ρ_max``, one below ``lr_min`` gives ``ρ_min``; ``ρ_min > ρ_max`` is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 
+from sharpness._validation import number
 from sharpness.optim._state import new_vectors
 from sharpness.optim.sam import SAM
 
@@ -30,10 +34,15 @@ _G = "gsam_g"  # g, kept from the first pass to the decomposition (not checkpoin
 _KEYS = ("gsam_rho_max", "gsam_rho_min", "gsam_lr_max", "gsam_lr_min")
 
 
+def _check_rho_ends(rho_min: float, rho_max: float) -> None:
+    if rho_min > rho_max:
+        raise ValueError(
+            f"rho_min ({rho_min}) must not exceed rho ({rho_max}): GSAM's ρ_t is clamped to [rho_min, rho]"
+        )
+
+
 def _finite(name: str, value: Any, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= minimum):
-        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
-    return float(value)
+    return number(name, value, minimum=minimum)
 
 
 class GSAM(SAM):
@@ -43,6 +52,7 @@ class GSAM(SAM):
     Algorithm::
 
         ρ_t = ρ_min + (ρ_max − ρ_min)(lr_t − lr_min)/(lr_max − lr_min)   per group, lr_t = group["lr"]
+        ρ_t ← min(ρ_max, max(ρ_min, ρ_t))              never outside the schedule's ends
         g   = ∇L(w);  e = ρ_t g/(‖g‖ + 1e-12);  g_p = ∇L(w + e)
         g_⊥ = g − (⟨g, g_p⟩/‖g_p‖²) g_p                 one global inner product and norm
         w   ← base_step(w, g_p − α g_⊥)                 from the exact saved w
@@ -50,8 +60,10 @@ class GSAM(SAM):
     The schedule is read from the group's learning rate at each :meth:`first_step`, so any LR
     scheduler drives it; the group's ``sam_rho`` holds the current ``ρ_t`` (overwritten each step)
     and the schedule's ends are group keys ``gsam_rho_max``, ``gsam_rho_min``, ``gsam_lr_max``,
-    ``gsam_lr_min`` (saved with the groups in ``state_dict``; a group may set its own). A group
-    whose ``ρ_max`` is 0 is never perturbed. ``α = 0`` with ``rho_min = None`` is SAM bit for bit.
+    ``gsam_lr_min`` (saved with the groups in ``state_dict``; a group may set its own). The clamp
+    keeps ``ρ_t`` at ``ρ_max`` while the learning rate exceeds ``lr_max`` (a warm-up, OneCycle's
+    peak) and at ``ρ_min`` below ``lr_min``; ``ρ_min > ρ_max`` raises ``ValueError``. A group
+    whose ``ρ_max`` is 0 is never perturbed (its ``ρ_min`` is then ignored). ``α = 0`` with ``rho_min = None`` is SAM bit for bit.
     ``g`` is kept during the step (one extra buffer, :attr:`vectors`; not checkpointed).
 
     Args:
@@ -60,10 +72,12 @@ class GSAM(SAM):
         rho: ``ρ_max`` (each group's ``sam_rho`` at construction, when it sets its own).
         alpha: ``α``, the weight of the orthogonal component (the paper tunes it per model in
             0.01–0.3; 0.1 here, as in the Keras port of the authors' code).
-        rho_min: ``ρ_min``; ``None`` keeps ``ρ`` constant at ``ρ_max`` (no schedule).
-        lr_max: the learning rate at which ``ρ_t = ρ_max`` (default: each group's ``lr`` at
-            construction, i.e. the peak of a decaying schedule).
-        lr_min: the learning rate at which ``ρ_t = ρ_min`` (default 0).
+        rho_min: ``ρ_min`` (at most ``rho``); ``None`` keeps ``ρ`` constant at ``ρ_max`` (no
+            schedule).
+        lr_max: the learning rate at and above which ``ρ_t = ρ_max`` (default: each group's
+            ``lr`` at construction, i.e. the peak of a decaying schedule; with a warm-up, give
+            the peak learning rate).
+        lr_min: the learning rate at and below which ``ρ_t = ρ_min`` (default 0).
 
     Example:
         >>> import torch, sharpness
@@ -104,16 +118,22 @@ class GSAM(SAM):
         self._lr_max = None if lr_max is None else _finite("lr_max", lr_max)
         self._lr_min = _finite("lr_min", lr_min)
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
+        if self._rho_min is not None:
+            _check_rho_ends(self._rho_min, float(self.defaults["sam_rho"]))
         for group in self.param_groups:
             self._schedule_defaults(group)
         self._schedule_ready = True
         self.vectors = new_vectors()  # g between the two passes (not checkpointed)
 
     def _schedule_defaults(self, group: dict[str, Any]) -> None:
-        rho_max = float(group.setdefault("gsam_rho_max", group["sam_rho"]))
+        rho_max = group.setdefault("gsam_rho_max", group["sam_rho"])
         group.setdefault("gsam_rho_min", rho_max if self._rho_min is None else self._rho_min)
         group.setdefault("gsam_lr_max", float(group["lr"]) if self._lr_max is None else self._lr_max)
         group.setdefault("gsam_lr_min", self._lr_min)
+        for key in _KEYS:  # a group may set its own
+            group[key] = _finite(key, group[key])
+        if group["gsam_rho_max"] != 0.0:  # (a group with ρ_max = 0 is never perturbed)
+            _check_rho_ends(group["gsam_rho_min"], group["gsam_rho_max"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -121,14 +141,18 @@ class GSAM(SAM):
             self._schedule_defaults(self.param_groups[-1])
 
     def rho_t(self, group: dict[str, Any]) -> float:
-        """``ρ_t`` for ``group`` at its current learning rate (never below 0)."""
+        """``ρ_t`` for ``group`` at its current learning rate, clamped to ``[ρ_min, ρ_max]``."""
         rho_max, rho_min = float(group["gsam_rho_max"]), float(group["gsam_rho_min"])
         lr_max, lr_min = float(group["gsam_lr_max"]), float(group["gsam_lr_min"])
         if rho_max == 0.0:
             return 0.0
+        _check_rho_ends(rho_min, rho_max)  # the group keys may have been changed since
         if rho_min == rho_max or lr_max == lr_min:
             return rho_max
-        return max(0.0, rho_min + (rho_max - rho_min) * (float(group["lr"]) - lr_min) / (lr_max - lr_min))
+        rho = rho_min + (rho_max - rho_min) * (float(group["lr"]) - lr_min) / (lr_max - lr_min)
+        # An lr outside [lr_min, lr_max] (a warm-up, OneCycle's peak above the lr at
+        # construction) would carry ρ_t past the ends of the schedule.
+        return min(rho_max, max(rho_min, rho))
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> bool:
@@ -147,8 +171,6 @@ class GSAM(SAM):
     def _before_base_step(self, engines: list) -> None:
         if self.alpha == 0:
             return
-        for engine in engines:  # re-attach gradients replaced (not accumulated) since first_step
-            engine.begin()
         gp_gp = sum(engine.dot("grads", "grads", self.vectors) for engine in engines)
         g_gp = sum(engine.dot("grads", _G, self.vectors) for engine in engines)
         c = g_gp / gp_gp if gp_gp > 0 else 0.0

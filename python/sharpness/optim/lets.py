@@ -35,9 +35,11 @@ import torch
 from torch import Tensor
 
 from sharpness import _core
+from sharpness._validation import number
 from sharpness.backends._common import NORM_EPS
 from sharpness.backends.distributed import DTensorEngine, _local
 from sharpness.backends.rust import RustEngine
+from sharpness.backends.torch_foreach import real_view
 from sharpness.buffers import as_numpy
 from sharpness.optim.sam import SAM
 
@@ -127,16 +129,14 @@ class LETS(SAM):
         rho_max: float = math.inf,
         **kwargs: Any,
     ) -> None:
-        if not (rho_lr >= 0 and math.isfinite(rho_lr)):
-            raise ValueError(f"rho_lr must be a finite number >= 0, got {rho_lr}")
+        self.rho_lr = number("rho_lr", rho_lr, minimum=0)
         if hessian not in _HESSIANS:
             raise ValueError(f"hessian must be one of {_HESSIANS}, got {hessian!r}")
-        if not (0 <= rho_min <= rho_max):
+        self.rho_min = number("rho_min", rho_min, minimum=0)
+        self.rho_max = number("rho_max", rho_max, minimum=0, finite=False)  # inf: no upper clamp
+        if not self.rho_min <= self.rho_max:
             raise ValueError(f"need 0 <= rho_min <= rho_max, got {rho_min}, {rho_max}")
-        self.rho_lr = float(rho_lr)
         self.hessian = hessian
-        self.rho_min = float(rho_min)
-        self.rho_max = float(rho_max)
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
         for group in self.param_groups:
             if group.get("maximize", False):
@@ -200,9 +200,10 @@ class LETS(SAM):
                 for gi, indices in engine.by_group.items():
                     group = self.param_groups[gi]
                     params = [engine.params[i] for i in indices]
-                    vs = [p.grad.detach().clone(memory_format=torch.preserve_format) for p in params]
+                    # A complex parameter as its real pairs, as the engines see it: v is real.
+                    vs = [real_view(p.grad.detach()).clone(memory_format=torch.preserve_format) for p in params]
                     if group["sam_adaptive"] and group["sam_rho"] > 0:
-                        t = torch._foreach_abs([p.detach() for p in params])
+                        t = torch._foreach_abs([real_view(p.detach()) for p in params])
                         torch._foreach_add_(t, float(group["sam_eta"]))
                         torch._foreach_mul_(vs, t)
                         torch._foreach_mul_(vs, t)
@@ -211,8 +212,7 @@ class LETS(SAM):
     @torch.no_grad()
     def _before_base_step(self, engines: list) -> None:
         # grads = g̃ (at θ + e): v ← v⊙g̃⊙g̃ for the diagonal Hessian
-        for engine in engines:
-            engine.begin()  # re-attach gradients replaced since first_step
+        for engine in engines:  # (second_step re-attached gradients replaced since first_step)
             if self.hessian != "diag":
                 continue
             if isinstance(engine, RustEngine):
@@ -226,7 +226,8 @@ class LETS(SAM):
                     if p.grad is None:
                         v.zero_()
                     else:
-                        v.mul_(p.grad).mul_(p.grad)
+                        g = real_view(p.grad)
+                        v.mul_(g).mul_(g)
         self.sam_state["lets_norm"] = float(self.last_grad_norm)
         self.sam_state["lets_ready"] = True
 
@@ -253,7 +254,7 @@ class LETS(SAM):
                 for i, p in enumerate(engine.params):
                     v = self._lets_v.get(p)
                     if v is not None and p.grad is not None:
-                        local = torch.dot(_local(p.grad).reshape(-1).double(), _local(v).reshape(-1).double())
+                        local = torch.dot(real_view(_local(p.grad)).reshape(-1).double(), _local(v).reshape(-1).double())
                         by_group.setdefault(group_of[i], ([], []))[0].append(i)
                         by_group[group_of[i]][1].append(local)
                 for gi, (indices, values) in by_group.items():
@@ -265,7 +266,7 @@ class LETS(SAM):
                 v = self._lets_v.get(p)
                 if v is not None and p.grad is not None:
                     gi = group_of[i]
-                    out[gi] = out.get(gi, 0.0) + float(torch.dot(p.grad.reshape(-1).double(), v.reshape(-1).double()))
+                    out[gi] = out.get(gi, 0.0) + float(torch.dot(real_view(p.grad).reshape(-1).double(), v.reshape(-1).double()))
         return out
 
     @torch.no_grad()
@@ -359,7 +360,7 @@ class LETS(SAM):
         self._lets_v, self._lets_flat = {}, {}
         if saved is not None:
             params = [p for group in self.param_groups for p in group["params"]]
-            self._lets_v = {params[i]: v.to(params[i].dtype).clone() for i, v in saved.items()}
+            self._lets_v = {params[i]: v.to(real_view(params[i].detach()).dtype).clone() for i, v in saved.items()}
         else:
             self.sam_state["lets_ready"] = False
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from sharpness._validation import pair
 from sharpness.optim._standalone import StandaloneSAM, check_positive
 
 VARIANTS = ("adagrad-norm", "adagrad", "adam")
@@ -101,11 +102,9 @@ class LightSAM(StandaloneSAM):
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if lr is None:
             lr = 1e-3 if variant == "adam" else 0.1
-        check_positive("lr", lr)
-        check_positive("eps", eps, allow_zero=False)
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        lr = check_positive("lr", lr)
+        eps = check_positive("eps", eps, allow_zero=False)
+        b1, b2 = pair("betas", betas, minimum=0, below=1)
         self.variant = variant
         super().__init__(params, rho=rho, backend=backend, same_noise=same_noise, seed=seed, lr=lr, eps=eps, betas=(b1, b2))
         if variant == "adagrad-norm":

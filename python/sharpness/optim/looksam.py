@@ -27,15 +27,14 @@ from typing import Any
 
 import torch
 
+from sharpness._validation import number
 from sharpness.optim.sam import SAM
 
 _GV = "looksam_gv"
 
 
 def _check_k(k: int) -> int:
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    return k
+    return number("k", k, minimum=1, integer=True)
 
 
 class EveryKSAM(SAM):
@@ -109,9 +108,7 @@ class LookSAM(SAM):
 
     def __init__(self, params: Any, base_optimizer: Any, k: int = 5, alpha: float = 0.7, **kwargs: Any) -> None:
         self.k = _check_k(k)
-        if not (alpha >= 0 and math.isfinite(alpha)):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = number("alpha", alpha, minimum=0)
         super().__init__(params, base_optimizer, **kwargs)
         self.sam_state["gv_norm"] = 0.0
 

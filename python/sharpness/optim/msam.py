@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sharpness._validation import number
 from sharpness.optim._closure_only import ClosureOnlySAM
 from sharpness.optim.sam import _RandomState
 
@@ -51,9 +52,7 @@ class MSharpnessSAM(ClosureOnlySAM):
     no_closure_message = "MSharpnessSAM.step needs a closure of the micro-batch index: step(lambda i: ...)"
 
     def __init__(self, params: Any, base_optimizer: Any, micro_batches: int = 2, **kwargs: Any) -> None:
-        if not (isinstance(micro_batches, int) and micro_batches >= 1):
-            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
-        self.micro_batches = micro_batches
+        self.micro_batches = number("micro_batches", micro_batches, minimum=1, integer=True)
         super().__init__(params, base_optimizer, **kwargs)
 
     def _closure_step_body(self, closure: Callable[[int], Tensor]) -> Tensor:

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sharpness._validation import number
 from sharpness.backends._common import NORM_EPS
 from sharpness.backends.distributed import DTensorEngine
+from sharpness.backends.torch_foreach import real_view
 from sharpness.optim.sam import SAM
 
 _HOW_TO_CALL = (
@@ -38,9 +40,7 @@ _HOW_TO_CALL = (
 
 
 def _check_sigma(sigma: Any) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (sigma >= 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    return float(sigma)
+    return number("sigma", sigma, minimum=0)
 
 
 def _group_of(engine: Any) -> list[int]:
@@ -136,8 +136,7 @@ class RandomSAM(SAM):
         self, params: Any, base_optimizer: Any, sigma: float = 1.5e-3, lambda_: float = 2.0, **kwargs: Any
     ) -> None:
         sigma = _check_sigma(sigma)
-        if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not (lambda_ > 0 and math.isfinite(lambda_)):
-            raise ValueError(f"lambda_ must be a finite number > 0, got {lambda_!r}")
+        lambda_ = number("lambda_", lambda_, above=0)
         if kwargs.get("adaptive"):
             raise ValueError("RandomSAM has no adaptive (ASAM) form")
         if kwargs.get("memory", "exact") != "exact":
@@ -192,9 +191,10 @@ class RandomSAM(SAM):
 
     def _add_delta(self, engine: Any, noised_groups: list[bool], sigma: float) -> Tensor | None:
         """Draws ``z``, writes ``δ`` into a flat tensor over the engine's parameters (the layout
-        ``group_tensors`` slices) and adds it to the weights; returns the flat ``δ``."""
-        params, group_of = engine.params, _group_of(engine)
-        chosen = [i for i, p in enumerate(params) if p.requires_grad and noised_groups[group_of[i]] and p.numel() > 0]
+        ``group_tensors`` slices) and adds it to the weights; returns the flat ``δ``. A complex
+        parameter is its real pairs (``view_as_real``, a trailing dimension of 2), as everywhere."""
+        params, group_of = [real_view(p.detach()) for p in engine.params], _group_of(engine)
+        chosen = [i for i, p in enumerate(engine.params) if p.requires_grad and noised_groups[group_of[i]] and p.numel() > 0]
         if not chosen:
             return None
         first = params[chosen[0]]

@@ -27,9 +27,10 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from sharpness.backends.distributed import DTensorEngine, is_dtensor
 from sharpness.backends.rust import RustEngine
-from sharpness.backends.torch_foreach import TorchEngine
+from sharpness.backends.torch_foreach import TorchEngine, real_view
 from sharpness.backends.triton import TritonEngine, why_not as _triton_why_not
 from sharpness.buffers import LayoutChanged
+from sharpness._validation import number
 
 _BACKENDS = ("auto", "rust", "torch", "triton")
 _MEMORY_MODES = ("exact", "subtract")
@@ -115,6 +116,13 @@ class SAM(torch.optim.Optimizer):
             exactly that and subtract it again. Not bit-exact: ``fl(fl(w+e)−e)`` is within one ulp
             of ``max(|w|, |w+e|)`` of ``w``, and the errors add up over steps (docs/guide.md,
             "Memory modes", gives the measured drift). CPU and foreach engines.
+        fused_step: ``True`` (default): for ``torch.optim.SGD``, ``Adam`` and ``AdamW`` the
+            restoration and the base step are one fused native pass (CPU and Triton engines). It
+            follows torch's for-loop step operation by operation but rounds each operation on its
+            own, where torch's vectorised CPU kernels contract some into fused multiply-adds: a
+            weight may differ from torch's own step by a few ulp per step (measured bound in
+            docs/guide.md, "Exactness"). ``False``: restore, then the base optimizer's own
+            ``step()``: bit for bit what that optimizer does (one more memory pass).
         **base_kwargs: passed to ``base_optimizer`` when it is a class (``lr``, ``momentum`` ...).
 
     Example:
@@ -141,17 +149,19 @@ class SAM(torch.optim.Optimizer):
         same_noise: bool = True,
         seed: int | None = None,
         memory: str = "exact",
+        fused_step: bool = True,
         **base_kwargs: Any,
     ) -> None:
-        if not (rho >= 0.0 and math.isfinite(rho)):
-            raise ValueError(f"rho must be a finite number >= 0, got {rho}")
-        if not (eta >= 0.0 and math.isfinite(eta)):
-            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        rho = number("rho", rho, minimum=0)
+        eta = number("eta", eta, minimum=0)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if memory not in _MEMORY_MODES:
             raise ValueError(f"memory must be one of {_MEMORY_MODES}, got {memory!r}")
         self.memory = memory
+        if not isinstance(fused_step, bool):
+            raise TypeError(f"fused_step must be True or False, got {fused_step!r}")
+        self.fused_step = fused_step
         defaults = dict(sam_rho=rho, sam_adaptive=bool(adaptive), sam_eta=eta, sam_norm_weight=1.0)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -217,12 +227,10 @@ class SAM(torch.optim.Optimizer):
 
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
-        if not (group["sam_rho"] >= 0.0 and math.isfinite(group["sam_rho"])):
-            raise ValueError(f"sam_rho must be a finite number >= 0, got {group['sam_rho']}")
-        if not (group["sam_eta"] >= 0.0 and math.isfinite(group["sam_eta"])):
-            raise ValueError(f"sam_eta must be a finite number >= 0, got {group['sam_eta']}")
-        if not (group["sam_norm_weight"] > 0.0 and math.isfinite(group["sam_norm_weight"])):
-            raise ValueError(f"sam_norm_weight must be a finite number > 0, got {group['sam_norm_weight']}")
+        # Stored back as floats: the kernels and the saved state take Python numbers.
+        group["sam_rho"] = number("sam_rho", group["sam_rho"], minimum=0)
+        group["sam_eta"] = number("sam_eta", group["sam_eta"], minimum=0)
+        group["sam_norm_weight"] = number("sam_norm_weight", group["sam_norm_weight"], above=0)
 
     def _link_base(self) -> None:
         # One list of groups and one state for both: an LR scheduler built on either optimizer
@@ -233,23 +241,35 @@ class SAM(torch.optim.Optimizer):
     # -- layout -----------------------------------------------------------------------------------
 
     def _build_engines(self) -> list[RustEngine | TorchEngine]:
+        """Sorts the parameters into engines by (kind, device, dtype). The flat-buffer engines
+        (Rust, Triton) re-home their parameters; a parameter whose storage must not move (a view
+        of a bigger tensor, tied to another through ``.data``, in shared memory, not dense:
+        :func:`~sharpness.buffers.keep_in_place`, checked once here) goes to the in-place torch
+        engine instead."""
+        from sharpness.buffers import keep_in_place
+
         if self._engines is not None:
             for engine in self._engines:
                 engine.release()
+        every = [p for group in self.param_groups for p in group["params"] if not is_dtensor(p)]
+        kept = {id(p) for p, keep in zip(every, keep_in_place(every)) if keep}
         buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] = {}
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
+                movable = id(p) not in kept
                 native = (
                     self.backend != "torch"
                     and p.device.type == "cpu"
                     and p.dtype in _RUST_DTYPES
                     and p.requires_grad  # frozen parameters keep torch's `grad is None` as is
+                    and movable
                 )
                 on_triton = (
                     self.backend in ("auto", "triton")
                     and p.requires_grad
                     and (self.backend == "triton" or p.device.type == "cuda")
                     and _triton_why_not(p) is None
+                    and movable
                 )
                 kind = "dtensor" if is_dtensor(p) else "triton" if on_triton else "rust" if native else "torch"  # FSDP owns DTensors' storage
                 key = (kind, p.device, p.dtype)
@@ -267,6 +287,11 @@ class SAM(torch.optim.Optimizer):
             engines.append(engine)
         self.stats["layouts"] += 1
         return engines
+
+    def _fuses(self, engines: list[RustEngine | TorchEngine]) -> bool:
+        """Whether the base step runs as one fused pass with the restoration (``fused_step`` and a
+        kernel for the base optimizer on every engine), rather than as the base optimizer's own."""
+        return self.fused_step and all(e.can_fuse(self.base_optimizer, self.param_groups) for e in engines)
 
     def engines(self) -> list[RustEngine | TorchEngine]:
         """The engines serving the parameters (built on first use)."""
@@ -334,7 +359,8 @@ class SAM(torch.optim.Optimizer):
         """Runs with the first gradient ``g`` in ``p.grad``, just before ``w ← w + e``."""
 
     def _before_base_step(self, engines: list[RustEngine | TorchEngine]) -> None:
-        """Runs with the second gradient ``g̃`` in ``p.grad``, before the base step."""
+        """Runs with the second gradient ``g̃`` in ``p.grad``, before the base step (the engines'
+        :meth:`begin` has just taken in any gradient assigned since :meth:`first_step`)."""
 
     def _one_pass_gradient(self, engines: list[RustEngine | TorchEngine], grad_norm: float) -> None:
         """On a step without a second pass, turns ``g`` in ``p.grad`` into the update direction
@@ -405,7 +431,8 @@ class SAM(torch.optim.Optimizer):
                 return False
             sums = [engine.sum_of_squares(self.param_groups) for engine in engines]
             if self._norm_stays_on_device(engines, sums):
-                self._perturb_on_device(engines, sums)
+                with self._restored_on_failure(engines):
+                    self._perturb_on_device(engines, sums)
                 if zero_grad:
                     self.zero_grad()
                 return True
@@ -415,8 +442,9 @@ class SAM(torch.optim.Optimizer):
                 self._one_pass_step(engines, norm, zero_grad, grad_scaler, scale)
                 return False
             if math.isfinite(norm):
-                self._before_perturbation(engines)
-                self._perturb(engines, norm)
+                with self._restored_on_failure(engines):
+                    self._before_perturbation(engines)
+                    self._perturb(engines, norm)
                 self._pending = "perturbed"
             else:
                 self.stats["nonfinite_skips"] += 1
@@ -424,6 +452,19 @@ class SAM(torch.optim.Optimizer):
             if zero_grad:
                 self.zero_grad()
         return True
+
+    @staticmethod
+    @contextmanager
+    def _restored_on_failure(engines: list[RustEngine | TorchEngine]) -> Iterator[None]:
+        """Undoes whatever the engines moved when the block raises (an exception part-way through
+        a perturbation, e.g. after the first of two engines moved its weights): the weights are
+        ``w`` again, bit for bit, before the exception goes on."""
+        try:
+            yield
+        except BaseException:
+            for engine in engines:
+                engine.restore()
+            raise
 
     def _one_pass_step(self, engines: list, grad_norm: float, zero_grad: bool, grad_scaler: Any, scale: Tensor | None) -> None:
         """A step without a second pass: taken now, or, with a GradScaler, left for
@@ -525,7 +566,7 @@ class SAM(torch.optim.Optimizer):
     def _plain_step(self, engines: list[RustEngine | TorchEngine], fused: bool = True, synced: bool = False) -> None:
         """The base step with the gradients in ``p.grad`` and no perturbation to undo
         (``synced``: the engines' :meth:`begin` ran since the last backward)."""
-        if fused and all(e.can_fuse(self.base_optimizer, self.param_groups) for e in engines):
+        if fused and self._fuses(engines):
             for engine in engines:
                 engine.restore_and_step(self.base_optimizer, self.param_groups, synced=synced)
         else:
@@ -599,21 +640,27 @@ class SAM(torch.optim.Optimizer):
             self._finish_deferred(zero_grad)
             return
         with profiled("SAM.second_step"):
-            pending, self._pending = self._pending, None
+            pending = self._pending
             engines = self.engines()
-            synced = pending == "perturbed" and type(self)._before_base_step is not SAM._before_base_step
-            if synced:
+            try:
+                # Validate before changing anything: a gradient that cannot be taken in (sparse,
+                # say) raises here, with the weights still restorable from the backup.
                 for engine in engines:
-                    engine.begin()  # the hook reads g̃: take in any gradient assigned, not accumulated
-                self._before_base_step(engines)
-            if pending == "perturbed" and all(e.can_fuse(self.base_optimizer, self.param_groups) for e in engines):
-                for engine in engines:
-                    engine.restore_and_step(self.base_optimizer, self.param_groups, synced=synced)
-            else:
-                for engine in engines:
-                    engine.restore()
-                # After a non-finite norm, exactly the base optimizer's own step.
-                self._plain_step(engines, fused=pending == "perturbed")
+                    engine.begin()
+                if pending == "perturbed":
+                    self._before_base_step(engines)
+                if pending == "perturbed" and self._fuses(engines):
+                    for engine in engines:
+                        engine.restore_and_step(self.base_optimizer, self.param_groups, synced=True)
+                else:
+                    for engine in engines:
+                        engine.restore()
+                    # After a non-finite norm, exactly the base optimizer's own step.
+                    self._plain_step(engines, fused=pending == "perturbed")
+            except BaseException:
+                self.restore()  # never leave the weights perturbed behind an exception
+                raise
+            self._pending = None
             if pending == "perturbed":
                 self._after_base_step(engines)
         self._finish_step(zero_grad)
@@ -884,7 +931,8 @@ class SAM(torch.optim.Optimizer):
             else:
                 for i in engine.perturbed:
                     p = engine.params[i]
-                    yield p.detach(), engine.backups[i], p.grad, self.param_groups[engine.group_of[i]]
+                    # a complex parameter as its real pairs, as every engine operation sees it
+                    yield (*(real_view(t) for t in (p.detach(), engine.backups[i], p.grad)), self.param_groups[engine.group_of[i]])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradients. Gradients in flat buffers stay views of them (one memset);

@@ -13,7 +13,9 @@ Both points depend only on ``x_t`` and ``∇f(y_t)`` (known at the start of the 
 ``∇f(x̃_t)`` and ``∇f(y_{t+1})`` can be computed at once; ``∇f(y_{t+1})`` is kept for the next
 step's perturbation. ``λ = 0`` is plain SAMPa, ``λ > 0`` is SAMPa-λ; the paper's experiments and
 the official code use ``ρ = 0.1`` (CIFAR), ``λ = 0.2``. Like the official code, ``∇f(y_0) = 0``:
-the first step takes both gradients at ``x_0`` (``x̃_0 = y_1 = x_0``).
+the first step takes both gradients at ``x_0`` (``x̃_0 = y_1 = x_0``). A non-finite
+``∇f(y_{t+1})`` is skipped: not kept (the last finite ``∇f(y)`` stays), and that step's update is
+``∇f(x̃_t)`` alone.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sharpness._validation import number
 from sharpness.backends._common import scale_of
 from sharpness.optim.sam import SAM, _RandomState
 
@@ -75,9 +78,18 @@ class SAMPa(SAM):
     **Perturbation.** The norm is global over the groups with ``sam_rho > 0`` (per-group
     ``rho`` as in :class:`~sharpness.SAM`; a group with ``rho = 0`` is not perturbed but still
     takes ``y``'s step and the combined gradient). ``‖∇f(y)‖`` is measured when ``∇f(y)``
-    arrives and kept in ``sam_state["grad_y_norm"]``; a non-finite norm leaves ``x̃_t = x_t``
-    (counted in ``stats["nonfinite_skips"]``). ``ρ = 0`` and ``λ = 0`` is the base optimizer with
-    the gradient at ``x_t``, though each step still computes the (unused) gradient at ``y``.
+    arrives and kept in ``sam_state["grad_y_norm"]``. ``ρ = 0`` and ``λ = 0`` is the base
+    optimizer with the gradient at ``x_t``, though each step still computes the (unused) gradient
+    at ``y``.
+
+    **Non-finite gradients.** A ``∇f(y_{t+1})`` with an inf/NaN (its norm not finite) is
+    skipped, never kept: ``∇f(y_t)`` (the last finite one; zero before any) stays for the next
+    step's ``y`` and ``x̃``, this step's update is ``d = ∇f(x̃_t)`` (the ``λ`` term dropped), and
+    ``stats["nonfinite_skips"]`` counts it. ``x̃_t`` was built from the finite ``∇f(y_t)`` and
+    stays as it is. The next finite ``∇f(y)`` is kept and the formula resumes. A non-finite
+    ``∇f(x̃_t)`` is, like SAM's second gradient, handed to the base optimizer inside ``d`` as it
+    is (a GradScaler skips that step; see below); ``∇f(y_{t+1})``, if finite, is kept all the
+    same. So the kept ``∇f(y)`` never holds an inf/NaN.
 
     **Parallel gradients.** On one device the two gradients run one after the other, as here.
     Across two devices (the official code: DDP with two ranks, one point each, the gradients
@@ -134,14 +146,14 @@ class SAMPa(SAM):
     def __init__(
         self, params: Any, base_optimizer: Any, rho: float = 0.1, lam: float = 0.2, **kwargs: Any
     ) -> None:
-        if not (0.0 <= lam <= 1.0):
-            raise ValueError(f"lam must be a number in [0, 1], got {lam}")
+        lam = number("lam", lam, minimum=0, maximum=1)
         if kwargs.get("adaptive"):
             raise ValueError("SAMPa has no adaptive (ASAM) form here")
-        self.lam = float(lam)
+        self.lam = lam
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
         self.sam_state["grad_y_norm"] = 0.0
         self.sam_state["have_grad_y"] = False
+        self._grad_y_kept = True  # whether this step's ∇f(y_{t+1}) was finite (and kept)
 
     # -- the three phases --------------------------------------------------------------------------
 
@@ -157,7 +169,7 @@ class SAMPa(SAM):
         engines = self._begin()
         for engine in engines:
             engine.save_weights()
-        if self.sam_state["have_grad_y"]:
+        if self.sam_state["have_grad_y"] and math.isfinite(self.sam_state["grad_y_norm"]):
             scales = {gi: self._y_scale(group) for gi, group in enumerate(self.param_groups)}
             for engine in engines:
                 engine.weights_from_backup(_GY, scales, self.state)
@@ -172,10 +184,12 @@ class SAMPa(SAM):
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> bool:
         """With ``∇f(y_{t+1})`` in ``p.grad``: keeps it (for the next step and for ``d``) and
         moves the weights to ``x̃_t = x_t + ρ∇f(y_t)/‖∇f(y_t)‖``. Returns True: a second
-        backward and :meth:`second_step` must follow. With ``grad_scaler`` (the GradScaler that
-        scaled the loss), ``∇f(y_{t+1})`` is unscaled first; if it is not finite it is not kept,
-        and False is returned: the step is left to ``scaler.step(opt)``, which skips it (see the
-        class docstring)."""
+        backward and :meth:`second_step` must follow. A non-finite ``∇f(y_{t+1})`` is not kept:
+        ``∇f(y_t)`` stays and the step's ``d`` is ``∇f(x̃_t)`` alone (counted in
+        ``stats["nonfinite_skips"]``). With ``grad_scaler`` (the GradScaler that scaled the loss),
+        ``∇f(y_{t+1})`` is unscaled first; if it is not finite it is not kept, and False is
+        returned: the step is left to ``scaler.step(opt)``, which skips it (see the class
+        docstring)."""
         if self._pending != "at_y":
             raise RuntimeError("first_step() needs begin_step() and a backward at y before it; " + _HOW_TO_CALL)
         engines = self._begin()
@@ -196,14 +210,20 @@ class SAMPa(SAM):
         if self.sam_state["have_grad_y"]:
             if math.isfinite(old_norm):
                 scales = {gi: scale_of(group, old_norm) for gi, group in enumerate(self.param_groups)}
-            else:
+            else:  # only from a state saved before non-finite ∇f(y) were refused
                 self.stats["nonfinite_skips"] += 1
         for engine in engines:
             engine.weights_from_backup(_GY, scales, self.state)
-        for engine in engines:
-            engine.copy("grads", _GY, self.state)
-        self.sam_state["grad_y_norm"] = new_norm
-        self.sam_state["have_grad_y"] = True
+        # A non-finite ∇f(y_{t+1}) is skipped (class docstring): kept, it would send every later
+        # y and x̃ to NaN. ∇f(y_t) stays for the next step; this step's d is ∇f(x̃_t) alone.
+        self._grad_y_kept = math.isfinite(new_norm)
+        if self._grad_y_kept:
+            for engine in engines:
+                engine.copy("grads", _GY, self.state)
+            self.sam_state["grad_y_norm"] = new_norm
+            self.sam_state["have_grad_y"] = True
+        else:
+            self.stats["nonfinite_skips"] += 1
         self.last_grad_norm = new_norm
         self._pending = "perturbed"
         if zero_grad:
@@ -219,9 +239,7 @@ class SAMPa(SAM):
 
     @torch.no_grad()
     def _before_base_step(self, engines: list) -> None:
-        for engine in engines:
-            engine.begin()
-        if self.lam != 0.0:
+        if self.lam != 0.0 and self._grad_y_kept:
             for engine in engines:  # grads ← λ·∇f(y_{t+1}) + (1 − λ)·∇f(x̃_t)
                 engine.axpby(_GY, "grads", self.lam, 1.0 - self.lam, self.state)
 

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sharpness._validation import number
 from sharpness.backends.distributed import is_dtensor
+from sharpness.backends.torch_foreach import real_view
 from sharpness.optim._state import load_vectors, new_vectors, save_vectors
 from sharpness.optim.sam import SAM
 
@@ -32,10 +34,7 @@ _FISHER = "ssam_fisher"  # the running Σ g², in self.vectors (checkpointed)
 
 
 def _fraction(name: str, value: Any, closed_top: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-    if not ok or (value == 1.0 and not closed_top):
-        raise ValueError(f"{name} must be a number in [0, 1{']' if closed_top else ')'}, got {value!r}")
-    return float(value)
+    return number(name, value, minimum=0, maximum=1) if closed_top else number(name, value, minimum=0, below=1)
 
 
 class _SparseSAM(SAM):
@@ -59,15 +58,19 @@ class _SparseSAM(SAM):
             raise ValueError(f"{type(self).__name__}'s mask ranks whole tensors: DTensor (FSDP2) parameters are not supported")
 
     def _set_mask(self, keep: Tensor) -> None:
-        """``keep``: one flag per weight of :meth:`_masked_params`, in order."""
+        """``keep``: one flag per weight of :meth:`_masked_params`, in order (a complex weight is
+        two, its real and imaginary parts: the mask of ``torch.view_as_real(p)``)."""
         self._refuse_shards()
         offset = 0
         for p in self._masked_params():
-            n = p.numel()
-            new = keep[offset : offset + n].view_as(p)
+            rp = real_view(p.detach())
+            n = rp.numel()
+            new = keep[offset : offset + n].view_as(rp)
             current = self.vectors[p].get(_MASK)
             if current is not None and current.shape == p.shape and current.dtype == p.dtype and current.device == p.device:
-                current.copy_(new)  # in place: on the flat engine it is a view of the flat mask
+                real_view(current).copy_(new)  # in place: on the flat engine it is a view of the flat mask
+            elif p.is_complex():  # kept in the parameter's dtype, as the engines' state vectors
+                self.vectors[p][_MASK] = torch.view_as_complex(new.to(device=p.device, dtype=rp.dtype).clone())
             else:
                 self.vectors[p][_MASK] = new.to(device=p.device, dtype=p.dtype)
             offset += n
@@ -75,8 +78,12 @@ class _SparseSAM(SAM):
 
     def mask(self) -> list[Tensor]:
         """The current mask, one tensor per parameter of :meth:`_masked_params` (all ones before
-        the first mask is set)."""
-        return [self.vectors[p][_MASK].detach().clone() if _MASK in self.vectors[p] else torch.ones_like(p) for p in self._masked_params()]
+        the first mask is set); for a complex parameter, the mask of its real pairs (the shape of
+        ``torch.view_as_real(p)``)."""
+        return [
+            real_view(self.vectors[p][_MASK]).detach().clone() if _MASK in self.vectors[p] else torch.ones_like(real_view(p.detach()))
+            for p in self._masked_params()
+        ]
 
     def density(self) -> float:
         """The fraction of perturbed weights (``1 − s`` once a mask is set)."""
@@ -127,8 +134,18 @@ class SSAMF(_SparseSAM):
     ``p.grad²`` to a running sum kept in :attr:`vectors` (one pass of the engines' ``add_square``);
     then :meth:`update_mask` takes the top-k and resets the sum. :meth:`fisher_from` does both over
     closures of one sample each. A ready score (e.g. from ``torch.func`` per-sample gradients) can be
-    given to :meth:`update_mask` instead. Until the first mask, the perturbation is SAM's (the
-    official code starts with an empty mask and sets it after the first step). ``s = 0`` is SAM
+    given to :meth:`update_mask` instead.
+
+    :meth:`fisher_from` zeroes the gradients before each sample, so ``F`` is ``Σ_i g_i²``, the
+    empirical Fisher the paper defines. The official code (``solver/sam.py``, ``SSAMF.step`` and
+    ``update_mask``) refreshes the mask right after a SAM step without zeroing first: ``p.grad``
+    still holds that step's ``g̃ = ∇L(w + e)``, so its first sample adds ``(g̃ + g₁)²`` (the later
+    ones ``g_i²``: it zeroes after each). That term is a side effect of the loop, in one of its
+    ``num_samples`` (1024 by default), so it is not reproduced; to reproduce it, run the first
+    sample's backward on top of the step's gradients and call :meth:`accumulate_fisher`
+    yourself. Until the first mask,
+    the perturbation is SAM's; the official code starts from an all-zero mask (its first step
+    has no perturbation: the base step on ``g``) and sets the mask after that step. ``s = 0`` is SAM
     bit for bit. The mask covers the trainable parameters of the groups with ``sam_rho ≠ 0`` and is
     checkpointed (``state_dict()["sam"]["vectors"]``, with the running sum). During
     :meth:`first_step` the gradients become ``g ⊙ m``.
@@ -173,8 +190,9 @@ class SSAMF(_SparseSAM):
     @torch.no_grad()
     def update_mask(self, scores: Iterable[Tensor] | None = None) -> None:
         """Sets the mask to the top ``1 − s`` of ``scores`` (one tensor per parameter of the
-        perturbed groups, in order), by default of the Fisher sum from :meth:`accumulate_fisher`,
-        which is then reset."""
+        perturbed groups, in order; a complex parameter's of the shape of ``torch.view_as_real(p)``,
+        one score per real coordinate), by default of the Fisher sum from
+        :meth:`accumulate_fisher`, which is then reset."""
         self._refuse_shards()
         params = self._masked_params()
         if scores is None:
@@ -185,8 +203,12 @@ class SSAMF(_SparseSAM):
         else:
             scores = list(scores)
             reset = False
-        if len(scores) != len(params) or any(s.shape != p.shape for s, p in zip(scores, params)):
-            raise ValueError("update_mask() needs one score tensor per perturbed parameter, of its shape")
+        scores = [real_view(s) for s in scores]  # a complex Fisher sum: Σ re², Σ im² per weight
+        if len(scores) != len(params) or any(s.shape != real_view(p.detach()).shape for s, p in zip(scores, params)):
+            raise ValueError(
+                "update_mask() needs one score tensor per perturbed parameter, of its shape "
+                "(for a complex parameter: the shape of torch.view_as_real(p))"
+            )
         flat = torch.cat([s.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for s in scores])
         self._set_mask(_top(flat, int(flat.numel() * (1.0 - self.sparsity))))
         if reset:
@@ -270,17 +292,17 @@ class SSAMD(_SparseSAM):
                 raise ValueError(f"{name} must be one of {self._STRATEGIES}, got {value!r}")
         self.drop_strategy, self.growth_strategy = drop_strategy, growth_strategy
         super().__init__(params, base_optimizer, sparsity=sparsity, **kwargs)
-        n = sum(p.numel() for p in self._masked_params())
+        n = sum(real_view(p.detach()).numel() for p in self._masked_params())
         live = n - math.ceil(n * self.sparsity)
         self._set_mask(_top(torch.rand(n, generator=self.generator), live))
 
     def _scores(self, strategy: str, params: list[Tensor]) -> Tensor:
         if strategy == "random":
-            return torch.rand(sum(p.numel() for p in params), generator=self.generator)
+            return torch.rand(sum(real_view(p.detach()).numel() for p in params), generator=self.generator)
         parts = []
         for p in params:
             t = p.detach() if strategy == "weight" else (p.grad if p.grad is not None else torch.zeros_like(p))
-            parts.append(t.abs().reshape(-1).to(device="cpu", dtype=torch.float32))
+            parts.append(real_view(t).abs().reshape(-1).to(device="cpu", dtype=torch.float32))
         return torch.cat(parts)
 
     def drop_rate_at(self, progress: float) -> float:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from sharpness._validation import number
 from sharpness.optim._state import new_vectors
 from sharpness.optim.sam import SAM
 
@@ -49,8 +50,9 @@ class WSAM(SAM):
     Args:
         params, base_optimizer, rho, adaptive, eta, backend, same_noise, seed, memory, **base_kwargs:
             as for :class:`sharpness.SAM`.
-        gamma: ``γ`` in ``[0, 1)`` (0.9 in the paper's experiments and README; atorch's code
-            defaults to 0.88).
+        gamma: ``γ`` in ``[0, 1)`` (0.9: the default of the authors' merged code, atorch's
+            ``WeightedSAM`` in dlrover's ``atorch/atorch/optimizers/wsam.py``, and of its README;
+            0.88 was the default only on the pull request's branch before it was merged).
         decouple: apply the sharpness term outside the base optimizer (default, as the paper).
 
     Example:
@@ -71,9 +73,7 @@ class WSAM(SAM):
     needs_unscaled_first_gradient = "its update adds g̃ − g, and the scaler unscales g̃ only"
 
     def __init__(self, params: Any, base_optimizer: Any, gamma: float = 0.9, decouple: bool = True, **kwargs: Any) -> None:
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0.0 <= gamma < 1.0):
-            raise ValueError(f"gamma must be a number in [0, 1), got {gamma!r}")
-        self.gamma = float(gamma)
+        self.gamma = number("gamma", gamma, minimum=0, below=1)
         self.alpha = self.gamma / (1.0 - self.gamma)
         self.decouple = bool(decouple)
         super().__init__(params, base_optimizer, **kwargs)
@@ -91,8 +91,6 @@ class WSAM(SAM):
     def _before_base_step(self, engines: list) -> None:
         if not self._keeps_g():
             return  # coupled with α = 1: the base step takes g̃, as SAM
-        for engine in engines:  # re-attach gradients replaced (not accumulated) since first_step
-            engine.begin()
         state, alpha = self.vectors, self.alpha
         if not self.decouple:
             for engine in engines:  # (1 − α) g + α g̃
