@@ -23,12 +23,12 @@
 //! `cargo bench -p sharpness-kernels -- --test` runs each once as a smoke test.
 //! `RAYON_NUM_THREADS` sets the thread count.
 
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use rayon::prelude::*;
 use sharpness_kernels::{
-    perturb, perturb_adaptive, restore, restore_adam, restore_sgd, sum_of_squares, sum_of_squares_adaptive, AdamHyper,
-    SgdHyper, CHUNK,
+    perturb, perturb_adaptive, restore, restore_adam, restore_sgd, sum_of_squares,
+    sum_of_squares_adaptive, AdamHyper, SgdHyper, CHUNK,
 };
 use std::hint::black_box;
 use std::time::Duration;
@@ -111,7 +111,15 @@ const ADAM: AdamHyper = AdamHyper {
 fn bench_layout(group: &mut BenchmarkGroup<'_, WallTime>, bufs: &mut Buffers) {
     let n = bufs.elements();
     let bytes = |per_element: u64| Throughput::Bytes(per_element * n);
-    let Buffers { weights, grads, backups, momentum, exp_avgs, exp_avg_sqs, max_exp_avg_sqs } = bufs;
+    let Buffers {
+        weights,
+        grads,
+        backups,
+        momentum,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+    } = bufs;
 
     group.throughput(bytes(8));
     group.bench_function("copy_from_slice", |b| {
@@ -133,7 +141,9 @@ fn bench_layout(group: &mut BenchmarkGroup<'_, WallTime>, bufs: &mut Buffers) {
                 .zip(&src)
                 .flat_map(|(d, s)| d.chunks_mut(CHUNK).zip(s.chunks(CHUNK)))
                 .collect();
-            pairs.into_par_iter().for_each(|(d, s)| d.copy_from_slice(s));
+            pairs
+                .into_par_iter()
+                .for_each(|(d, s)| d.copy_from_slice(s));
             black_box(&mut dst);
         })
     });
@@ -174,7 +184,10 @@ fn bench_layout(group: &mut BenchmarkGroup<'_, WallTime>, bufs: &mut Buffers) {
     group.bench_function("restore_sgd", |b| {
         let (bk, g) = (views(backups), views(grads));
         let mut w = views_mut(weights);
-        let h = SgdHyper { momentum: 0.0, ..SGD };
+        let h = SgdHyper {
+            momentum: 0.0,
+            ..SGD
+        };
         b.iter(|| restore_sgd::<f32>(&mut w, &bk, &g, None, h).unwrap())
     });
 
@@ -188,16 +201,27 @@ fn bench_layout(group: &mut BenchmarkGroup<'_, WallTime>, bufs: &mut Buffers) {
     group.throughput(bytes(28));
     group.bench_function("restore_adam", |b| {
         let (bk, g) = (views(backups), views(grads));
-        let (mut w, mut m, mut v) = (views_mut(weights), views_mut(exp_avgs), views_mut(exp_avg_sqs));
+        let (mut w, mut m, mut v) = (
+            views_mut(weights),
+            views_mut(exp_avgs),
+            views_mut(exp_avg_sqs),
+        );
         b.iter(|| restore_adam::<f32>(&mut w, &bk, &g, &mut m, &mut v, None, ADAM).unwrap())
     });
 
     group.throughput(bytes(36));
     group.bench_function("restore_adam_amsgrad", |b| {
         let (bk, g) = (views(backups), views(grads));
-        let (mut w, mut m, mut v) = (views_mut(weights), views_mut(exp_avgs), views_mut(exp_avg_sqs));
+        let (mut w, mut m, mut v) = (
+            views_mut(weights),
+            views_mut(exp_avgs),
+            views_mut(exp_avg_sqs),
+        );
         let mut x = views_mut(max_exp_avg_sqs);
-        let h = AdamHyper { amsgrad: true, ..ADAM };
+        let h = AdamHyper {
+            amsgrad: true,
+            ..ADAM
+        };
         b.iter(|| restore_adam::<f32>(&mut w, &bk, &g, &mut m, &mut v, Some(&mut x), h).unwrap())
     });
 }
@@ -219,7 +243,10 @@ fn list(c: &mut Criterion) {
 }
 
 fn config() -> Criterion {
-    Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2))
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
 }
 
 criterion_group! {

@@ -10,47 +10,63 @@ not depend on the number of threads.
 """
 
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import numpy.typing as npt
 
-Tensors = Union[npt.NDArray[np.generic], Sequence[npt.NDArray[np.generic]]]
+# Stub-only: private, so stubtest does not look for it in the module.
+_Tensors = npt.NDArray[np.generic] | Sequence[npt.NDArray[np.generic]]
+
+__all__ = [
+    "__version__",
+    "CHUNK",
+    "sum_of_squares",
+    "sum_of_squares_adaptive",
+    "perturb",
+    "perturb_adaptive",
+    "restore",
+    "perturb_offsets",
+    "subtract_offsets",
+    "restore_sgd",
+    "restore_adam",
+    "any_nonzero",
+    "dot",
+    "axpby",
+    "num_threads",
+]
 
 __version__: str
 CHUNK: int
 
-def sum_of_squares(grads: Tensors) -> float:
+def sum_of_squares(grads: _Tensors) -> float:
     """Σ g² over every element, accumulated in float64."""
 
-def sum_of_squares_adaptive(weights: Tensors, grads: Tensors, eta: float) -> float:
+def sum_of_squares_adaptive(weights: _Tensors, grads: _Tensors, eta: float) -> float:
     """Σ ((|w| + eta)·g)², the squared norm of ASAM's ``T_w g``, accumulated in float64."""
 
-def perturb(weights: Tensors, grads: Tensors, backups: Tensors, scale: float) -> None:
+def perturb(weights: _Tensors, grads: _Tensors, backups: _Tensors, scale: float) -> None:
     """``backups ← weights; weights ← weights + scale·grads`` (SAM's ascent, ``scale = ρ/‖g‖``)."""
 
-def perturb_adaptive(weights: Tensors, grads: Tensors, backups: Tensors, scale: float, eta: float) -> None:
+def perturb_adaptive(weights: _Tensors, grads: _Tensors, backups: _Tensors, scale: float, eta: float) -> None:
     """``backups ← weights; weights ← weights + scale·(|weights| + eta)²·grads`` (ASAM)."""
 
-def restore(weights: Tensors, backups: Tensors) -> None:
+def restore(weights: _Tensors, backups: _Tensors) -> None:
     """``weights ← backups``, bit for bit."""
 
-def perturb_offsets(
-    weights: Tensors, grads: Tensors, offsets: Tensors, scale: float, eta: float | None = None
-) -> None:
+def perturb_offsets(weights: _Tensors, grads: _Tensors, offsets: _Tensors, scale: float, eta: float | None = None) -> None:
     """``offsets ← bf16(e)``, ``weights ← weights + offsets``, with ``e = scale·grads`` or, given
     ``eta``, ASAM's ``e = scale·(|weights| + eta)²·grads`` (memory="subtract"). ``offsets`` are
     bfloat16 as raw ``uint16`` whatever the weights' dtype (a TypeError otherwise)."""
 
-def subtract_offsets(weights: Tensors, offsets: Tensors) -> None:
+def subtract_offsets(weights: _Tensors, offsets: _Tensors) -> None:
     """``weights ← weights − offsets``: undoes :func:`perturb_offsets` to within one ulp of
     ``max(|w|, |w + o|)`` (not bit-exact)."""
 
 def restore_sgd(
-    weights: Tensors,
-    backups: Tensors | None,
-    grads: Tensors,
-    momentum_buffers: Tensors | None,
+    weights: _Tensors,
+    backups: _Tensors | None,
+    grads: _Tensors,
+    momentum_buffers: _Tensors | None,
     *,
     lr: float,
     momentum: float = 0.0,
@@ -68,12 +84,12 @@ def restore_sgd(
     """
 
 def restore_adam(
-    weights: Tensors,
-    backups: Tensors | None,
-    grads: Tensors,
-    exp_avgs: Tensors,
-    exp_avg_sqs: Tensors,
-    max_exp_avg_sqs: Tensors | None = None,
+    weights: _Tensors,
+    backups: _Tensors | None,
+    grads: _Tensors,
+    exp_avgs: _Tensors,
+    exp_avg_sqs: _Tensors,
+    max_exp_avg_sqs: _Tensors | None = None,
     *,
     step: float,
     lr: float,
@@ -86,16 +102,17 @@ def restore_adam(
     maximize: bool = False,
 ) -> None:
     """Restore ``weights`` from ``backups``, then one ``torch.optim.Adam`` step (``AdamW`` with
-    ``decoupled=True``) with ``grads`` (``backups=None``: a plain step in place). ``step`` is the step count after this step (from 1);
-    ``max_exp_avg_sqs`` is given exactly when ``amsgrad`` is true."""
+    ``decoupled=True``) with ``grads`` (``backups=None``: a plain step in place). ``step`` is the
+    step count after this step (from 1); ``max_exp_avg_sqs`` is given exactly when ``amsgrad`` is
+    true."""
 
-def dot(a: Tensors, b: Tensors) -> float:
+def dot(a: _Tensors, b: _Tensors) -> float:
     """Σ a·b over every element, accumulated in float64."""
 
-def axpby(x: Tensors, y: Tensors, alpha: float, beta: float) -> None:
+def axpby(x: _Tensors, y: _Tensors, alpha: float, beta: float) -> None:
     """``y ← alpha·x + beta·y`` (computed in float32 for 16-bit types, rounded once)."""
 
-def any_nonzero(tensors: Tensors) -> list[bool]:
+def any_nonzero(tensors: _Tensors) -> list[bool]:
     """For each array, whether any element is non-zero (NaN counts, -0.0 does not); each scan
     stops at the first non-zero block."""
 

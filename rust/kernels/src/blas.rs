@@ -2,8 +2,8 @@
 //! mix gradients (LookSAM's `g_v`, GSAM's orthogonal component, Friendly SAM's `g − σm` ...).
 
 use crate::element::{Element, Real};
-use crate::parallel::{chunks, chunks_mut, for_each, ordered_sum};
 use crate::norms::{fold_lanes, LANES};
+use crate::parallel::{chunks, chunks_mut, for_each, ordered_sum};
 use crate::{check_aligned, lengths, KernelError};
 use multiversion::multiversion;
 
@@ -17,7 +17,13 @@ fn dot_chunk<E: Element>(a: &[E], b: &[E]) -> f64 {
             *lane += x.load().to_f64() * y.load().to_f64();
         }
     }
-    let tail = a_blocks.remainder().iter().zip(b_blocks.remainder()).fold(0.0, |acc, (&x, &y)| acc + x.load().to_f64() * y.load().to_f64());
+    let tail = a_blocks
+        .remainder()
+        .iter()
+        .zip(b_blocks.remainder())
+        .fold(0.0, |acc, (&x, &y)| {
+            acc + x.load().to_f64() * y.load().to_f64()
+        });
     fold_lanes(lanes, tail)
 }
 
@@ -39,7 +45,12 @@ fn axpby_chunk<E: Element>(x: &[E], y: &mut [E], alpha: E::Math, beta: E::Math) 
 
 /// `y ← alpha·x + beta·y`, elementwise over aligned tensor lists (computed in the math type,
 /// rounded once).
-pub fn axpby<E: Element>(x: &[&[E]], y: &mut [&mut [E]], alpha: f64, beta: f64) -> Result<(), KernelError> {
+pub fn axpby<E: Element>(
+    x: &[&[E]],
+    y: &mut [&mut [E]],
+    alpha: f64,
+    beta: f64,
+) -> Result<(), KernelError> {
     let lens = lengths(y);
     check_aligned(&lens, x, "x")?;
     let total = lens.iter().sum();

@@ -146,8 +146,14 @@ mod tests {
     #[test]
     fn half_types_round_to_nearest_even() {
         // 1 + 2^-8 lies exactly between two bf16 values; ties go to the even mantissa (1.0).
-        assert_eq!(bf16::store(1.0 + 2f32.powi(-8)).to_bits(), bf16::from_f32(1.0).to_bits());
-        assert_eq!(bf16::store(1.0 + 3.0 * 2f32.powi(-8)).load(), 1.0 + 2f32.powi(-6));
+        assert_eq!(
+            bf16::store(1.0 + 2f32.powi(-8)).to_bits(),
+            bf16::from_f32(1.0).to_bits()
+        );
+        assert_eq!(
+            bf16::store(1.0 + 3.0 * 2f32.powi(-8)).load(),
+            1.0 + 2f32.powi(-6)
+        );
         assert_eq!(f16::store(65504.0).load(), 65504.0);
         assert!(bf16::store(f32::NAN).load().is_nan());
     }

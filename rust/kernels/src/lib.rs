@@ -38,9 +38,18 @@ pub const PARALLEL_THRESHOLD: usize = 16 * CHUNK;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelError {
     /// Two arguments hold different numbers of tensors.
-    TensorCount { argument: &'static str, expected: usize, found: usize },
+    TensorCount {
+        argument: &'static str,
+        expected: usize,
+        found: usize,
+    },
     /// Tensor `index` of `argument` is not as long as the same tensor of the first argument.
-    Length { argument: &'static str, index: usize, expected: usize, found: usize },
+    Length {
+        argument: &'static str,
+        index: usize,
+        expected: usize,
+        found: usize,
+    },
     /// A state argument the hyperparameters need was not given.
     Missing { argument: &'static str },
 }
@@ -48,15 +57,26 @@ pub enum KernelError {
 impl std::fmt::Display for KernelError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            KernelError::TensorCount { argument, expected, found } => write!(
+            KernelError::TensorCount {
+                argument,
+                expected,
+                found,
+            } => write!(
                 f,
                 "`{argument}` holds {found} tensors but the first argument holds {expected}"
             ),
-            KernelError::Length { argument, index, expected, found } => write!(
+            KernelError::Length {
+                argument,
+                index,
+                expected,
+                found,
+            } => write!(
                 f,
                 "tensor {index} of `{argument}` has {found} elements, expected {expected}"
             ),
-            KernelError::Missing { argument } => write!(f, "`{argument}` is required by these hyperparameters"),
+            KernelError::Missing { argument } => {
+                write!(f, "`{argument}` is required by these hyperparameters")
+            }
         }
     }
 }
@@ -80,12 +100,21 @@ pub(crate) fn check_aligned<E, S: AsRef<[E]>>(
     argument: &'static str,
 ) -> Result<(), KernelError> {
     if other.len() != lead.len() {
-        return Err(KernelError::TensorCount { argument, expected: lead.len(), found: other.len() });
+        return Err(KernelError::TensorCount {
+            argument,
+            expected: lead.len(),
+            found: other.len(),
+        });
     }
     for (index, (&expected, tensor)) in lead.iter().zip(other).enumerate() {
         let found = tensor.as_ref().len();
         if found != expected {
-            return Err(KernelError::Length { argument, index, expected, found });
+            return Err(KernelError::Length {
+                argument,
+                index,
+                expected,
+                found,
+            });
         }
     }
     Ok(())

@@ -56,7 +56,11 @@ fn sum_of_squares_adaptive_chunk<E: Element>(w: &[E], g: &[E], eta: f64) -> f64 
             *lane += term(w, g);
         }
     }
-    let tail = w_blocks.remainder().iter().zip(g_blocks.remainder()).fold(0.0, |acc, (&w, &g)| acc + term(w, g));
+    let tail = w_blocks
+        .remainder()
+        .iter()
+        .zip(g_blocks.remainder())
+        .fold(0.0, |acc, (&w, &g)| acc + term(w, g));
     fold_lanes(lanes, tail)
 }
 
@@ -67,12 +71,18 @@ pub fn sum_of_squares<E: Element>(grads: &[&[E]]) -> f64 {
 }
 
 /// `Σ ((|w| + eta)·g)²`, the squared norm of `T_w g` in ASAM, in `f64`.
-pub fn sum_of_squares_adaptive<E: Element>(weights: &[&[E]], grads: &[&[E]], eta: f64) -> Result<f64, KernelError> {
+pub fn sum_of_squares_adaptive<E: Element>(
+    weights: &[&[E]],
+    grads: &[&[E]],
+    eta: f64,
+) -> Result<f64, KernelError> {
     let lens = lengths(weights);
     check_aligned(&lens, grads, "grads")?;
     let total = lens.iter().sum();
     let items: Vec<_> = chunks(weights).zip(chunks(grads)).collect();
-    Ok(ordered_sum(items, total, |(w, g)| sum_of_squares_adaptive_chunk::<E>(w, g, eta)))
+    Ok(ordered_sum(items, total, |(w, g)| {
+        sum_of_squares_adaptive_chunk::<E>(w, g, eta)
+    }))
 }
 
 #[cfg(test)]
@@ -87,7 +97,11 @@ mod tests {
         for &x in g {
             let term = (x as f64) * (x as f64);
             let t = sum + term;
-            carry += if sum.abs() >= term.abs() { (sum - t) + term } else { (term - t) + sum };
+            carry += if sum.abs() >= term.abs() {
+                (sum - t) + term
+            } else {
+                (term - t) + sum
+            };
             sum = t;
         }
         sum + carry
@@ -102,12 +116,17 @@ mod tests {
 
     #[test]
     fn large_sum_is_accurate_and_deterministic() {
-        let g: Vec<f32> = (0..3_000_001).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
+        let g: Vec<f32> = (0..3_000_001)
+            .map(|i| ((i % 97) as f32 - 48.0) * 1e-3)
+            .collect();
         let expected = naive(&g);
         let a = sum_of_squares::<f32>(&[&g]);
         let b = sum_of_squares::<f32>(&[&g]);
         assert_eq!(a.to_bits(), b.to_bits());
-        assert!(((a - expected) / expected).abs() < 1e-12, "{a} vs {expected}");
+        assert!(
+            ((a - expected) / expected).abs() < 1e-12,
+            "{a} vs {expected}"
+        );
         // Splitting the same data into several tensors does not change the sum beyond rounding.
         let (x, y) = g.split_at(1_234_567);
         let split = sum_of_squares::<f32>(&[x, y]);
@@ -120,7 +139,12 @@ mod tests {
         let g = [1.0f32];
         assert!(matches!(
             sum_of_squares_adaptive::<f32>(&[&w], &[&g], 0.0),
-            Err(KernelError::Length { argument: "grads", index: 0, expected: 2, found: 1 })
+            Err(KernelError::Length {
+                argument: "grads",
+                index: 0,
+                expected: 2,
+                found: 1
+            })
         ));
         assert!(matches!(
             sum_of_squares_adaptive::<f32>(&[&w], &[], 0.0),

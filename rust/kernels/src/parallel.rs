@@ -3,7 +3,6 @@
 use crate::{CHUNK, PARALLEL_THRESHOLD};
 use rayon::prelude::*;
 
-
 /// Runs `work` on every item, in parallel when the call is large enough.
 pub(crate) fn for_each<T: Send>(items: Vec<T>, total: usize, work: impl Fn(T) + Sync + Send) {
     if total < PARALLEL_THRESHOLD {
@@ -14,7 +13,11 @@ pub(crate) fn for_each<T: Send>(items: Vec<T>, total: usize, work: impl Fn(T) + 
 }
 
 /// Maps every item to an `f64` and adds the results in item order (deterministic).
-pub(crate) fn ordered_sum<T: Send>(items: Vec<T>, total: usize, work: impl Fn(T) -> f64 + Sync + Send) -> f64 {
+pub(crate) fn ordered_sum<T: Send>(
+    items: Vec<T>,
+    total: usize,
+    work: impl Fn(T) -> f64 + Sync + Send,
+) -> f64 {
     let partials: Vec<f64> = if total < PARALLEL_THRESHOLD {
         items.into_iter().map(work).collect()
     } else {
@@ -29,6 +32,8 @@ pub(crate) fn chunks<'a, E>(tensors: &'a [&'a [E]]) -> impl Iterator<Item = &'a 
 }
 
 /// Mutable chunks of a tensor list, in order.
-pub(crate) fn chunks_mut<'a, 'b: 'a, E>(tensors: &'a mut [&'b mut [E]]) -> impl Iterator<Item = &'a mut [E]> + use<'a, 'b, E> {
+pub(crate) fn chunks_mut<'a, 'b: 'a, E>(
+    tensors: &'a mut [&'b mut [E]],
+) -> impl Iterator<Item = &'a mut [E]> + use<'a, 'b, E> {
     tensors.iter_mut().flat_map(|t| t.chunks_mut(CHUNK))
 }

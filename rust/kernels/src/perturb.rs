@@ -5,9 +5,9 @@
 //! a backup in the same pass and [`restore`] copies it back: restoration is bit-exact.
 
 use crate::element::{Element, Real};
-use half::bf16;
 use crate::parallel::{chunks, chunks_mut, for_each};
 use crate::{check_aligned, lengths, KernelError};
+use half::bf16;
 use multiversion::multiversion;
 
 #[multiversion(targets = "simd")]
@@ -19,7 +19,13 @@ fn perturb_chunk<E: Element>(w: &mut [E], g: &[E], backup: &mut [E], scale: E::M
 }
 
 #[multiversion(targets = "simd")]
-fn perturb_adaptive_chunk<E: Element>(w: &mut [E], g: &[E], backup: &mut [E], scale: E::Math, eta: E::Math) {
+fn perturb_adaptive_chunk<E: Element>(
+    w: &mut [E],
+    g: &[E],
+    backup: &mut [E],
+    scale: E::Math,
+    eta: E::Math,
+) {
     for ((w, &g), b) in w.iter_mut().zip(g).zip(backup.iter_mut()) {
         *b = *w;
         let x = w.load();
@@ -28,7 +34,11 @@ fn perturb_adaptive_chunk<E: Element>(w: &mut [E], g: &[E], backup: &mut [E], sc
     }
 }
 
-fn check_perturb_args<E>(weights: &[&mut [E]], grads: &[&[E]], backups: &[&mut [E]]) -> Result<usize, KernelError> {
+fn check_perturb_args<E>(
+    weights: &[&mut [E]],
+    grads: &[&[E]],
+    backups: &[&mut [E]],
+) -> Result<usize, KernelError> {
     let lens = lengths(weights);
     check_aligned(&lens, grads, "grads")?;
     check_aligned(&lens, backups, "backups")?;
@@ -44,8 +54,13 @@ pub fn perturb<E: Element>(
 ) -> Result<(), KernelError> {
     let total = check_perturb_args(weights, grads, backups)?;
     let scale = E::Math::from_f64(scale);
-    let items: Vec<_> = chunks_mut(weights).zip(chunks(grads)).zip(chunks_mut(backups)).collect();
-    for_each(items, total, |((w, g), b)| perturb_chunk::<E>(w, g, b, scale));
+    let items: Vec<_> = chunks_mut(weights)
+        .zip(chunks(grads))
+        .zip(chunks_mut(backups))
+        .collect();
+    for_each(items, total, |((w, g), b)| {
+        perturb_chunk::<E>(w, g, b, scale)
+    });
     Ok(())
 }
 
@@ -59,8 +74,13 @@ pub fn perturb_adaptive<E: Element>(
 ) -> Result<(), KernelError> {
     let total = check_perturb_args(weights, grads, backups)?;
     let (scale, eta) = (E::Math::from_f64(scale), E::Math::from_f64(eta));
-    let items: Vec<_> = chunks_mut(weights).zip(chunks(grads)).zip(chunks_mut(backups)).collect();
-    for_each(items, total, |((w, g), b)| perturb_adaptive_chunk::<E>(w, g, b, scale, eta));
+    let items: Vec<_> = chunks_mut(weights)
+        .zip(chunks(grads))
+        .zip(chunks_mut(backups))
+        .collect();
+    for_each(items, total, |((w, g), b)| {
+        perturb_adaptive_chunk::<E>(w, g, b, scale, eta)
+    });
     Ok(())
 }
 
@@ -75,7 +95,13 @@ pub fn restore<E: Element>(weights: &mut [&mut [E]], backups: &[&[E]]) -> Result
 }
 
 #[multiversion(targets = "simd")]
-fn perturb_offsets_chunk<E: Element>(w: &mut [E], g: &[E], offsets: &mut [bf16], scale: E::Math, eta: Option<E::Math>) {
+fn perturb_offsets_chunk<E: Element>(
+    w: &mut [E],
+    g: &[E],
+    offsets: &mut [bf16],
+    scale: E::Math,
+    eta: Option<E::Math>,
+) {
     for ((w, &g), o) in w.iter_mut().zip(g).zip(offsets.iter_mut()) {
         let x = w.load();
         let e = match eta {
@@ -107,8 +133,13 @@ pub fn perturb_offsets<E: Element>(
     check_aligned(&lens, offsets, "offsets")?;
     let total = lens.iter().sum();
     let (scale, eta) = (E::Math::from_f64(scale), eta.map(E::Math::from_f64));
-    let items: Vec<_> = chunks_mut(weights).zip(chunks(grads)).zip(chunks_mut(offsets)).collect();
-    for_each(items, total, |((w, g), o)| perturb_offsets_chunk::<E>(w, g, o, scale, eta));
+    let items: Vec<_> = chunks_mut(weights)
+        .zip(chunks(grads))
+        .zip(chunks_mut(offsets))
+        .collect();
+    for_each(items, total, |((w, g), o)| {
+        perturb_offsets_chunk::<E>(w, g, o, scale, eta)
+    });
     Ok(())
 }
 
@@ -122,7 +153,10 @@ fn subtract_offsets_chunk<E: Element>(w: &mut [E], offsets: &[bf16]) {
 /// `w ← w − o`: the subtract mode's restoration. `fl(fl(w + o) − o)` is within one ulp of the
 /// larger of `|w|` and `|w + o|` of `w`: close for weights larger than their offset, but a weight
 /// much smaller than its offset comes back with the offset's rounding error.
-pub fn subtract_offsets<E: Element>(weights: &mut [&mut [E]], offsets: &[&[bf16]]) -> Result<(), KernelError> {
+pub fn subtract_offsets<E: Element>(
+    weights: &mut [&mut [E]],
+    offsets: &[&[bf16]],
+) -> Result<(), KernelError> {
     let lens = lengths(weights);
     check_aligned(&lens, offsets, "offsets")?;
     let total = lens.iter().sum();
@@ -137,7 +171,12 @@ mod tests {
     use half::{bf16, f16};
     use proptest::prelude::*;
 
-    fn round_trip<E: Element + PartialEq + std::fmt::Debug>(w0: Vec<E>, g: Vec<E>, scale: f64, adaptive: bool) {
+    fn round_trip<E: Element + PartialEq + std::fmt::Debug>(
+        w0: Vec<E>,
+        g: Vec<E>,
+        scale: f64,
+        adaptive: bool,
+    ) {
         let mut w = w0.clone();
         let mut b = vec![E::store(E::Math::ZERO); w0.len()];
         if adaptive {
@@ -202,9 +241,17 @@ mod tests {
             // Within one ulp of the larger of |w| and |w + o|: a weight much smaller than its
             // offset (the last one) comes back with the offset's rounding error.
             let big = w0[i].abs().max((w0[i] + o[i].to_f32()).abs());
-            assert!((w[i] - w0[i]).abs() <= f32::EPSILON * big, "{} vs {}", w[i], w0[i]);
+            assert!(
+                (w[i] - w0[i]).abs() <= f32::EPSILON * big,
+                "{} vs {}",
+                w[i],
+                w0[i]
+            );
         }
-        assert_ne!(w[3], w0[3], "this case is not exact: the test would not see an inexact kernel");
+        assert_ne!(
+            w[3], w0[3],
+            "this case is not exact: the test would not see an inexact kernel"
+        );
         let mut w = w0.clone();
         perturb_offsets::<f32>(&mut [&mut w], &[&g], &mut [&mut o], 0.5, Some(0.01)).unwrap();
         for i in 0..4 {
@@ -212,7 +259,9 @@ mod tests {
             assert_eq!(o[i], bf16::from_f32(t * t * g[i] * 0.5));
         }
         let mut short = vec![bf16::ZERO; 3];
-        assert!(perturb_offsets::<f32>(&mut [&mut w], &[&g], &mut [&mut short], 0.5, None).is_err());
+        assert!(
+            perturb_offsets::<f32>(&mut [&mut w], &[&g], &mut [&mut short], 0.5, None).is_err()
+        );
         assert!(subtract_offsets::<f32>(&mut [&mut w], &[&short]).is_err());
     }
 

@@ -8,7 +8,11 @@ const BLOCK: usize = 256;
 /// Whether any element differs from zero (NaN counts as non-zero, `-0.0` as zero). Stops at the
 /// first non-zero block, so a real gradient costs a few hundred elements, not a pass.
 pub fn any_nonzero<E: Element>(tensor: &[E]) -> bool {
-    tensor.chunks(BLOCK).any(|block| block.iter().fold(false, |seen, &x| seen | (x.load() != E::Math::ZERO)))
+    tensor.chunks(BLOCK).any(|block| {
+        block
+            .iter()
+            .fold(false, |seen, &x| seen | (x.load() != E::Math::ZERO))
+    })
 }
 
 #[cfg(test)]

@@ -66,14 +66,22 @@ fn restore_sgd_chunk<E: Element, const MOMENTUM: bool, const IN_PLACE: bool>(
     let backup = if IN_PLACE { backup } else { &backup[..n] };
     let buf = if MOMENTUM { &mut buf[..n] } else { buf };
     for i in 0..n {
-        let p = if IN_PLACE { w[i].load() } else { backup[i].load() };
+        let p = if IN_PLACE {
+            w[i].load()
+        } else {
+            backup[i].load()
+        };
         let g = g[i];
         let mut d = if k.maximize { -g.load() } else { g.load() };
         if k.use_weight_decay {
             d = d + k.weight_decay * p;
         }
         if MOMENTUM {
-            let b = if k.init { d } else { buf[i].load() * k.momentum + k.one_minus_dampening * d };
+            let b = if k.init {
+                d
+            } else {
+                buf[i].load() * k.momentum + k.one_minus_dampening * d
+            };
             let b = E::store(b);
             buf[i] = b;
             // torch keeps the buffer in the parameter's dtype and reads it back from there.
@@ -125,7 +133,11 @@ fn sgd<E: Element>(
             check_aligned(&lens, b, "momentum_buffers")?;
             Some(b)
         }
-        None if hyper.momentum != 0.0 => return Err(KernelError::Missing { argument: "momentum_buffers" }),
+        None if hyper.momentum != 0.0 => {
+            return Err(KernelError::Missing {
+                argument: "momentum_buffers",
+            })
+        }
         _ => None,
     };
     let m = |v: f64| E::Math::from_f64(v);
@@ -142,13 +154,20 @@ fn sgd<E: Element>(
     let total = lens.iter().sum();
     match backups {
         Some(backups) => {
-            let head: Vec<_> = chunks_mut(weights).zip(chunks(backups)).zip(chunks(grads)).collect();
+            let head: Vec<_> = chunks_mut(weights)
+                .zip(chunks(backups))
+                .zip(chunks(grads))
+                .collect();
             match buffers {
                 Some(b) => {
                     let items: Vec<_> = head.into_iter().zip(chunks_mut(b)).collect();
-                    for_each(items, total, |(((w, p), g), b)| restore_sgd_chunk::<E, true, false>(w, p, g, b, k));
+                    for_each(items, total, |(((w, p), g), b)| {
+                        restore_sgd_chunk::<E, true, false>(w, p, g, b, k)
+                    });
                 }
-                None => for_each(head, total, |((w, p), g)| restore_sgd_chunk::<E, false, false>(w, p, g, &mut [], k)),
+                None => for_each(head, total, |((w, p), g)| {
+                    restore_sgd_chunk::<E, false, false>(w, p, g, &mut [], k)
+                }),
             }
         }
         None => {
@@ -156,9 +175,13 @@ fn sgd<E: Element>(
             match buffers {
                 Some(b) => {
                     let items: Vec<_> = head.into_iter().zip(chunks_mut(b)).collect();
-                    for_each(items, total, |((w, g), b)| restore_sgd_chunk::<E, true, true>(w, &[], g, b, k));
+                    for_each(items, total, |((w, g), b)| {
+                        restore_sgd_chunk::<E, true, true>(w, &[], g, b, k)
+                    });
                 }
-                None => for_each(head, total, |(w, g)| restore_sgd_chunk::<E, false, true>(w, &[], g, &mut [], k)),
+                None => for_each(head, total, |(w, g)| {
+                    restore_sgd_chunk::<E, false, true>(w, &[], g, &mut [], k)
+                }),
             }
         }
     }
@@ -206,10 +229,22 @@ fn restore_adam_chunk<E: Element, const AMSGRAD: bool, const IN_PLACE: bool>(
     let n = w.len();
     let (g, exp_avg, exp_avg_sq) = (&g[..n], &mut exp_avg[..n], &mut exp_avg_sq[..n]);
     let backup = if IN_PLACE { backup } else { &backup[..n] };
-    let max_exp_avg_sq = if AMSGRAD { &mut max_exp_avg_sq[..n] } else { max_exp_avg_sq };
+    let max_exp_avg_sq = if AMSGRAD {
+        &mut max_exp_avg_sq[..n]
+    } else {
+        max_exp_avg_sq
+    };
     for i in 0..n {
-        let mut p = if IN_PLACE { w[i].load() } else { backup[i].load() };
-        let mut grad = if k.maximize { -g[i].load() } else { g[i].load() };
+        let mut p = if IN_PLACE {
+            w[i].load()
+        } else {
+            backup[i].load()
+        };
+        let mut grad = if k.maximize {
+            -g[i].load()
+        } else {
+            g[i].load()
+        };
         if k.decoupled_decay {
             // torch multiplies the parameter in place, so the product is rounded to storage.
             p = E::store(p * k.decay_factor).load();
@@ -244,7 +279,15 @@ pub fn restore_adam<E: Element>(
     max_exp_avg_sqs: Option<&mut [&mut [E]]>,
     hyper: AdamHyper,
 ) -> Result<(), KernelError> {
-    adam(weights, Some(backups), grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper)
+    adam(
+        weights,
+        Some(backups),
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        hyper,
+    )
 }
 
 /// One `torch.optim.Adam`/`AdamW` step in place (no perturbation to undo).
@@ -256,7 +299,15 @@ pub fn adam_step<E: Element>(
     max_exp_avg_sqs: Option<&mut [&mut [E]]>,
     hyper: AdamHyper,
 ) -> Result<(), KernelError> {
-    adam(weights, None, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper)
+    adam(
+        weights,
+        None,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        hyper,
+    )
 }
 
 fn adam<E: Element>(
@@ -280,7 +331,11 @@ fn adam<E: Element>(
             check_aligned(&lens, max, "max_exp_avg_sqs")?;
             Some(max)
         }
-        None if hyper.amsgrad => return Err(KernelError::Missing { argument: "max_exp_avg_sqs" }),
+        None if hyper.amsgrad => {
+            return Err(KernelError::Missing {
+                argument: "max_exp_avg_sqs",
+            })
+        }
         _ => None,
     };
     // Python-float arithmetic, as in torch's `_single_tensor_adam`.
@@ -306,22 +361,35 @@ fn adam<E: Element>(
         Some(b) => chunks(b).collect(),
         None => vec![&[][..]; lens.iter().map(|l| l.div_ceil(crate::CHUNK)).sum()],
     };
-    let head: Vec<_> = chunks_mut(weights).zip(sources).zip(chunks(grads)).zip(chunks_mut(exp_avgs)).zip(chunks_mut(exp_avg_sqs)).collect();
+    let head: Vec<_> = chunks_mut(weights)
+        .zip(sources)
+        .zip(chunks(grads))
+        .zip(chunks_mut(exp_avgs))
+        .zip(chunks_mut(exp_avg_sqs))
+        .collect();
     let in_place = backups.is_none();
     match (max_exp_avg_sqs, in_place) {
         (Some(max), false) => {
             let items: Vec<_> = head.into_iter().zip(chunks_mut(max)).collect();
-            for_each(items, total, |(((((w, p), g), m1), m2), vmax)| restore_adam_chunk::<E, true, false>(w, p, g, m1, m2, vmax, k));
+            for_each(items, total, |(((((w, p), g), m1), m2), vmax)| {
+                restore_adam_chunk::<E, true, false>(w, p, g, m1, m2, vmax, k)
+            });
         }
         (Some(max), true) => {
             let items: Vec<_> = head.into_iter().zip(chunks_mut(max)).collect();
-            for_each(items, total, |(((((w, p), g), m1), m2), vmax)| restore_adam_chunk::<E, true, true>(w, p, g, m1, m2, vmax, k));
+            for_each(items, total, |(((((w, p), g), m1), m2), vmax)| {
+                restore_adam_chunk::<E, true, true>(w, p, g, m1, m2, vmax, k)
+            });
         }
         (None, false) => {
-            for_each(head, total, |((((w, p), g), m1), m2)| restore_adam_chunk::<E, false, false>(w, p, g, m1, m2, &mut [], k));
+            for_each(head, total, |((((w, p), g), m1), m2)| {
+                restore_adam_chunk::<E, false, false>(w, p, g, m1, m2, &mut [], k)
+            });
         }
         (None, true) => {
-            for_each(head, total, |((((w, p), g), m1), m2)| restore_adam_chunk::<E, false, true>(w, p, g, m1, m2, &mut [], k));
+            for_each(head, total, |((((w, p), g), m1), m2)| {
+                restore_adam_chunk::<E, false, true>(w, p, g, m1, m2, &mut [], k)
+            });
         }
     }
     Ok(())
@@ -373,12 +441,16 @@ mod tests {
         }
 
         fn vec<E: Element>(&mut self, n: usize, scale: f64) -> Vec<E> {
-            (0..n).map(|_| E::store(E::Math::from_f64(self.value(scale)))).collect()
+            (0..n)
+                .map(|_| E::store(E::Math::from_f64(self.value(scale))))
+                .collect()
         }
 
         /// Non-negative values, as a second-moment accumulator holds.
         fn vec_nonneg<E: Element>(&mut self, n: usize, scale: f64) -> Vec<E> {
-            (0..n).map(|_| E::store(E::Math::from_f64(self.value(scale).abs()))).collect()
+            (0..n)
+                .map(|_| E::store(E::Math::from_f64(self.value(scale).abs())))
+                .collect()
         }
     }
 
@@ -426,7 +498,11 @@ mod tests {
         let s = |v: f64| E::Math::from_f64(v);
         let param = param.load();
         // grad = grads[i] if not maximize else -grads[i]
-        let mut grad = if h.maximize { -grad.load() } else { grad.load() };
+        let mut grad = if h.maximize {
+            -grad.load()
+        } else {
+            grad.load()
+        };
         // if weight_decay != 0: grad = grad.add(param, alpha=weight_decay)
         if h.weight_decay != 0.0 {
             grad = grad + s(h.weight_decay) * param;
@@ -438,7 +514,10 @@ mod tests {
                 E::store(grad)
             } else {
                 // buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-                E::store(buf.expect("momentum buffer").load() * s(h.momentum) + s(1.0 - h.dampening) * grad)
+                E::store(
+                    buf.expect("momentum buffer").load() * s(h.momentum)
+                        + s(1.0 - h.dampening) * grad,
+                )
             };
             new_buf = Some(buf);
             grad = if h.nesterov {
@@ -461,30 +540,52 @@ mod tests {
             any::<bool>(),
             any::<bool>(),
         )
-            .prop_map(|(lr, momentum, dampening, weight_decay, nesterov, maximize)| {
-                // torch refuses nesterov without momentum or with dampening.
-                let nesterov = nesterov && momentum > 0.0;
-                let dampening = if nesterov { 0.0 } else { dampening };
-                SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize, init_momentum: true }
-            })
+            .prop_map(
+                |(lr, momentum, dampening, weight_decay, nesterov, maximize)| {
+                    // torch refuses nesterov without momentum or with dampening.
+                    let nesterov = nesterov && momentum > 0.0;
+                    let dampening = if nesterov { 0.0 } else { dampening };
+                    SgdHyper {
+                        lr,
+                        momentum,
+                        dampening,
+                        weight_decay,
+                        nesterov,
+                        maximize,
+                        init_momentum: true,
+                    }
+                },
+            )
     }
 
     /// `steps` SGD steps from fresh momentum buffers (`init_momentum` on the first one only),
     /// kernel against reference, comparing weights and buffers after every step.
-    fn check_sgd<E: Element>(seed: u64, n: usize, hyper: SgdHyper, steps: usize) -> Result<(), TestCaseError> {
+    fn check_sgd<E: Element>(
+        seed: u64,
+        n: usize,
+        hyper: SgdHyper,
+        steps: usize,
+    ) -> Result<(), TestCaseError> {
         let mut rng = Rng(seed);
         let mut params: Vec<E> = rng.vec(n, 4.0);
         // The kernel overwrites the buffer on the first step: start it as garbage.
         let mut buf: Vec<E> = rng.vec(n, 1e3);
         let mut ref_buf: Option<Vec<E>> = None;
         for step in 0..steps {
-            let h = SgdHyper { init_momentum: step == 0, ..hyper };
+            let h = SgdHyper {
+                init_momentum: step == 0,
+                ..hyper
+            };
             let grads: Vec<E> = rng.vec(n, 2.0);
             let mut weights = poisoned::<E>(n);
             let with_buffers = h.momentum != 0.0;
             {
                 let mut bufs = [&mut buf[..]];
-                let buffers = if with_buffers { Some(&mut bufs[..]) } else { None };
+                let buffers = if with_buffers {
+                    Some(&mut bufs[..])
+                } else {
+                    None
+                };
                 restore_sgd::<E>(&mut [&mut weights], &[&params], &[&grads], buffers, h).unwrap();
             }
             let mut want_w = Vec::with_capacity(n);
@@ -497,9 +598,17 @@ mod tests {
                     want_buf.push(b);
                 }
             }
-            check_same(&format!("SGD step {} weights ({h:?})", step + 1), &weights, &want_w)?;
+            check_same(
+                &format!("SGD step {} weights ({h:?})", step + 1),
+                &weights,
+                &want_w,
+            )?;
             if with_buffers {
-                check_same(&format!("SGD step {} momentum ({h:?})", step + 1), &buf, &want_buf)?;
+                check_same(
+                    &format!("SGD step {} momentum ({h:?})", step + 1),
+                    &buf,
+                    &want_buf,
+                )?;
                 ref_buf = Some(want_buf);
             }
             params = weights;
@@ -520,6 +629,7 @@ mod tests {
 
     /// `torch.maximum`: NaN from either side wins.
     fn torch_maximum<M: Real>(a: M, b: M) -> M {
+        // `x != x` is the NaN test for a generic `Real`.
         #[allow(clippy::eq_op)]
         if a != a {
             a
@@ -544,7 +654,11 @@ mod tests {
         let s = |v: f64| E::Math::from_f64(v);
         let mut param = s0.param.load();
         // grad = grads[i] if not maximize else -grads[i]
-        let mut grad = if h.maximize { -grad.load() } else { grad.load() };
+        let mut grad = if h.maximize {
+            -grad.load()
+        } else {
+            grad.load()
+        };
         if h.weight_decay != 0.0 {
             if h.decoupled {
                 // param.mul_(1 - lr * weight_decay)
@@ -557,7 +671,8 @@ mod tests {
         // exp_avg.lerp_(grad, 1 - beta1)
         let exp_avg = E::store(torch_lerp(s0.exp_avg.load(), grad, s(1.0 - h.beta1)));
         // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        let exp_avg_sq = E::store(s0.exp_avg_sq.load() * s(h.beta2) + s(1.0 - h.beta2) * grad * grad);
+        let exp_avg_sq =
+            E::store(s0.exp_avg_sq.load() * s(h.beta2) + s(1.0 - h.beta2) * grad * grad);
         // Python floats.
         let bias_correction1 = 1.0 - h.beta1.powf(h.step);
         let bias_correction2 = 1.0 - h.beta2.powf(h.step);
@@ -578,7 +693,12 @@ mod tests {
         let denom = second.sqrt() / s(bias_correction2_sqrt) + s(h.eps);
         // param.addcdiv_(exp_avg, denom, value=-step_size): param + value * exp_avg / denom
         let param = E::store(param + s(-step_size) * exp_avg.load() / denom);
-        AdamState { param, exp_avg, exp_avg_sq, max_exp_avg_sq }
+        AdamState {
+            param,
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq,
+        }
     }
 
     fn adam_hyper() -> impl Strategy<Value = AdamHyper> {
@@ -593,31 +713,51 @@ mod tests {
             any::<bool>(),
             prop_oneof![Just(1.0), 1.0f64..1000.0].prop_map(f64::floor),
         )
-            .prop_map(|(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step)| AdamHyper {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                decoupled,
-                amsgrad,
-                maximize,
-                step,
-            })
+            .prop_map(
+                |(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step)| {
+                    AdamHyper {
+                        lr,
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay,
+                        decoupled,
+                        amsgrad,
+                        maximize,
+                        step,
+                    }
+                },
+            )
     }
 
     /// `steps` Adam steps starting at `hyper.step` (fresh zero state at step 1, random state
     /// otherwise), kernel against reference after every step.
-    fn check_adam<E: Element>(seed: u64, n: usize, hyper: AdamHyper, steps: usize) -> Result<(), TestCaseError> {
+    fn check_adam<E: Element>(
+        seed: u64,
+        n: usize,
+        hyper: AdamHyper,
+        steps: usize,
+    ) -> Result<(), TestCaseError> {
         let mut rng = Rng(seed);
         let zero = || vec![E::store(E::Math::ZERO); n];
         let mut params: Vec<E> = rng.vec(n, 4.0);
         let fresh = hyper.step == 1.0;
         let mut m: Vec<E> = if fresh { zero() } else { rng.vec(n, 1.0) };
-        let mut v: Vec<E> = if fresh { zero() } else { rng.vec_nonneg(n, 1.0) };
-        let mut vmax: Vec<E> = if fresh { zero() } else { rng.vec_nonneg(n, 1.0) };
+        let mut v: Vec<E> = if fresh {
+            zero()
+        } else {
+            rng.vec_nonneg(n, 1.0)
+        };
+        let mut vmax: Vec<E> = if fresh {
+            zero()
+        } else {
+            rng.vec_nonneg(n, 1.0)
+        };
         for k in 0..steps {
-            let h = AdamHyper { step: hyper.step + k as f64, ..hyper };
+            let h = AdamHyper {
+                step: hyper.step + k as f64,
+                ..hyper
+            };
             let grads: Vec<E> = rng.vec(n, 2.0);
             let want: Vec<AdamState<E>> = (0..n)
                 .map(|i| {
@@ -634,12 +774,33 @@ mod tests {
             {
                 let mut max = [&mut vmax[..]];
                 let max = if h.amsgrad { Some(&mut max[..]) } else { None };
-                restore_adam::<E>(&mut [&mut weights], &[&params], &[&grads], &mut [&mut m], &mut [&mut v], max, h).unwrap();
+                restore_adam::<E>(
+                    &mut [&mut weights],
+                    &[&params],
+                    &[&grads],
+                    &mut [&mut m],
+                    &mut [&mut v],
+                    max,
+                    h,
+                )
+                .unwrap();
             }
             let label = |what: &str| format!("Adam step {} {what} ({h:?})", h.step);
-            check_same(&label("weights"), &weights, &want.iter().map(|s| s.param).collect::<Vec<_>>())?;
-            check_same(&label("exp_avg"), &m, &want.iter().map(|s| s.exp_avg).collect::<Vec<_>>())?;
-            check_same(&label("exp_avg_sq"), &v, &want.iter().map(|s| s.exp_avg_sq).collect::<Vec<_>>())?;
+            check_same(
+                &label("weights"),
+                &weights,
+                &want.iter().map(|s| s.param).collect::<Vec<_>>(),
+            )?;
+            check_same(
+                &label("exp_avg"),
+                &m,
+                &want.iter().map(|s| s.exp_avg).collect::<Vec<_>>(),
+            )?;
+            check_same(
+                &label("exp_avg_sq"),
+                &v,
+                &want.iter().map(|s| s.exp_avg_sq).collect::<Vec<_>>(),
+            )?;
             if h.amsgrad {
                 let want_max: Vec<E> = want.iter().map(|s| s.max_exp_avg_sq.unwrap()).collect();
                 check_same(&label("max_exp_avg_sq"), &vmax, &want_max)?;
@@ -653,7 +814,10 @@ mod tests {
 
     /// Cuts `0..n` at sorted points into pieces (some empty).
     fn pieces(n: usize, cuts: &[usize]) -> Vec<(usize, usize)> {
-        let mut points: Vec<usize> = cuts.iter().map(|&c| if n == 0 { 0 } else { c % (n + 1) }).collect();
+        let mut points: Vec<usize> = cuts
+            .iter()
+            .map(|&c| if n == 0 { 0 } else { c % (n + 1) })
+            .collect();
         points.push(0);
         points.push(n);
         points.sort_unstable();
@@ -675,36 +839,90 @@ mod tests {
     }
 
     /// The same SGD and Adam steps on one flat buffer and on the same data cut into tensors.
-    fn check_list_equals_flat<E: Element>(seed: u64, n: usize, cuts: &[usize], sgd: SgdHyper, adam: AdamHyper) -> Result<(), TestCaseError> {
+    fn check_list_equals_flat<E: Element>(
+        seed: u64,
+        n: usize,
+        cuts: &[usize],
+        sgd: SgdHyper,
+        adam: AdamHyper,
+    ) -> Result<(), TestCaseError> {
         let mut rng = Rng(seed);
         let parts = pieces(n, cuts);
         let params: Vec<E> = rng.vec(n, 4.0);
         let grads: Vec<E> = rng.vec(n, 2.0);
         let buf0: Vec<E> = rng.vec(n, 1.0);
-        let (m0, v0, vmax0): (Vec<E>, Vec<E>, Vec<E>) = (rng.vec(n, 1.0), rng.vec_nonneg(n, 1.0), rng.vec_nonneg(n, 1.0));
+        let (m0, v0, vmax0): (Vec<E>, Vec<E>, Vec<E>) = (
+            rng.vec(n, 1.0),
+            rng.vec_nonneg(n, 1.0),
+            rng.vec_nonneg(n, 1.0),
+        );
 
-        let sgd = SgdHyper { init_momentum: false, momentum: if sgd.momentum == 0.0 { 0.9 } else { sgd.momentum }, ..sgd };
+        let sgd = SgdHyper {
+            init_momentum: false,
+            momentum: if sgd.momentum == 0.0 {
+                0.9
+            } else {
+                sgd.momentum
+            },
+            ..sgd
+        };
         let (mut w_flat, mut b_flat) = (poisoned::<E>(n), buf0.clone());
-        restore_sgd::<E>(&mut [&mut w_flat], &[&params], &[&grads], Some(&mut [&mut b_flat]), sgd).unwrap();
+        restore_sgd::<E>(
+            &mut [&mut w_flat],
+            &[&params],
+            &[&grads],
+            Some(&mut [&mut b_flat]),
+            sgd,
+        )
+        .unwrap();
         let (mut w_list, mut b_list) = (poisoned::<E>(n), buf0.clone());
         {
             let mut w = split_mut(&mut w_list, &parts);
             let mut b = split_mut(&mut b_list, &parts);
-            restore_sgd::<E>(&mut w, &split(&params, &parts), &split(&grads, &parts), Some(&mut b), sgd).unwrap();
+            restore_sgd::<E>(
+                &mut w,
+                &split(&params, &parts),
+                &split(&grads, &parts),
+                Some(&mut b),
+                sgd,
+            )
+            .unwrap();
         }
         check_same("list SGD weights", &w_list, &w_flat)?;
         check_same("list SGD momentum", &b_list, &b_flat)?;
 
-        let adam = AdamHyper { amsgrad: true, ..adam };
-        let (mut w_flat, mut m_flat, mut v_flat, mut x_flat) = (poisoned::<E>(n), m0.clone(), v0.clone(), vmax0.clone());
-        restore_adam::<E>(&mut [&mut w_flat], &[&params], &[&grads], &mut [&mut m_flat], &mut [&mut v_flat], Some(&mut [&mut x_flat]), adam).unwrap();
+        let adam = AdamHyper {
+            amsgrad: true,
+            ..adam
+        };
+        let (mut w_flat, mut m_flat, mut v_flat, mut x_flat) =
+            (poisoned::<E>(n), m0.clone(), v0.clone(), vmax0.clone());
+        restore_adam::<E>(
+            &mut [&mut w_flat],
+            &[&params],
+            &[&grads],
+            &mut [&mut m_flat],
+            &mut [&mut v_flat],
+            Some(&mut [&mut x_flat]),
+            adam,
+        )
+        .unwrap();
         let (mut w_list, mut m_list, mut v_list, mut x_list) = (poisoned::<E>(n), m0, v0, vmax0);
         {
             let mut w = split_mut(&mut w_list, &parts);
             let mut m = split_mut(&mut m_list, &parts);
             let mut v = split_mut(&mut v_list, &parts);
             let mut x = split_mut(&mut x_list, &parts);
-            restore_adam::<E>(&mut w, &split(&params, &parts), &split(&grads, &parts), &mut m, &mut v, Some(&mut x), adam).unwrap();
+            restore_adam::<E>(
+                &mut w,
+                &split(&params, &parts),
+                &split(&grads, &parts),
+                &mut m,
+                &mut v,
+                Some(&mut x),
+                adam,
+            )
+            .unwrap();
         }
         check_same("list Adam weights", &w_list, &w_flat)?;
         check_same("list Adam exp_avg", &m_list, &m_flat)?;
@@ -782,7 +1000,14 @@ mod tests {
             (4, 0.9, 0.0, 1e-2, true, false),
             (5, 0.5, 0.5, 0.0, false, true),
         ] {
-            let h = SgdHyper { momentum, dampening, weight_decay, nesterov, maximize, ..SGD };
+            let h = SgdHyper {
+                momentum,
+                dampening,
+                weight_decay,
+                nesterov,
+                maximize,
+                ..SGD
+            };
             check_sgd::<f32>(seed, n, h, 3).unwrap();
             check_sgd::<f64>(seed, n, h, 3).unwrap();
             check_sgd::<bf16>(seed, n, h, 3).unwrap();
@@ -795,7 +1020,14 @@ mod tests {
             (9, 1e-1, true, true, false, 0.3),
             (10, 0.0, false, true, true, 0.0),
         ] {
-            let h = AdamHyper { weight_decay, decoupled, amsgrad, maximize, beta1, ..ADAM };
+            let h = AdamHyper {
+                weight_decay,
+                decoupled,
+                amsgrad,
+                maximize,
+                beta1,
+                ..ADAM
+            };
             check_adam::<f32>(seed, n, h, 3).unwrap();
             check_adam::<f64>(seed, n, h, 3).unwrap();
             check_adam::<bf16>(seed, n, h, 3).unwrap();
@@ -808,11 +1040,25 @@ mod tests {
         let backup = [1.0f32, -2.0, 0.5];
         let g = [0.5f32, 0.25, -1.0];
         let mut w = [f32::NAN; 3];
-        restore_sgd::<f32>(&mut [&mut w], &[&backup], &[&g], None, SgdHyper { momentum: 0.0, ..SGD }).unwrap();
+        restore_sgd::<f32>(
+            &mut [&mut w],
+            &[&backup],
+            &[&g],
+            None,
+            SgdHyper {
+                momentum: 0.0,
+                ..SGD
+            },
+        )
+        .unwrap();
         assert_eq!(w, [0.95, -2.025, 0.6]);
         // First step with momentum: the buffer becomes the gradient itself, not (1 − dampening)·g.
         let mut buf = [f32::NAN; 3];
-        let h = SgdHyper { dampening: 0.5, init_momentum: true, ..SGD };
+        let h = SgdHyper {
+            dampening: 0.5,
+            init_momentum: true,
+            ..SGD
+        };
         restore_sgd::<f32>(&mut [&mut w], &[&backup], &[&g], Some(&mut [&mut buf]), h).unwrap();
         assert_eq!(buf, g);
         assert_eq!(w, [0.95, -2.025, 0.6]);
@@ -824,9 +1070,21 @@ mod tests {
         let backup = [1.0f64, -2.0, 0.5];
         let g = [0.5f64, -0.25, 3.0];
         let (mut w, mut m, mut v) = ([f64::NAN; 3], [0.0f64; 3], [0.0f64; 3]);
-        restore_adam::<f64>(&mut [&mut w], &[&backup], &[&g], &mut [&mut m], &mut [&mut v], None, AdamHyper { eps: 0.0, ..ADAM }).unwrap();
+        restore_adam::<f64>(
+            &mut [&mut w],
+            &[&backup],
+            &[&g],
+            &mut [&mut m],
+            &mut [&mut v],
+            None,
+            AdamHyper { eps: 0.0, ..ADAM },
+        )
+        .unwrap();
         for i in 0..3 {
-            assert!((w[i] - (backup[i] - 1e-3 * g[i].signum())).abs() < 1e-15, "{w:?}");
+            assert!(
+                (w[i] - (backup[i] - 1e-3 * g[i].signum())).abs() < 1e-15,
+                "{w:?}"
+            );
             assert!((m[i] - 0.1 * g[i]).abs() < 1e-15);
             assert!((v[i] - 0.001 * g[i] * g[i]).abs() < 1e-15);
         }
@@ -842,18 +1100,51 @@ mod tests {
         let v0 = [0.0f32, 0.0, 0.0, 0.0, 0.0, nan];
         let x0 = [0.0f32, 0.0, 0.0, nan, 0.0, 0.0];
         for amsgrad in [false, true] {
-            let h = AdamHyper { amsgrad, step: 3.0, weight_decay: 0.1, ..ADAM };
+            let h = AdamHyper {
+                amsgrad,
+                step: 3.0,
+                weight_decay: 0.1,
+                ..ADAM
+            };
             let (mut w, mut m, mut v, mut x) = ([0.0f32; 6], m0, v0, x0);
-            let max = if amsgrad { Some(&mut [&mut x[..]][..]) } else { None };
-            restore_adam::<f32>(&mut [&mut w], &[&backup], &[&g], &mut [&mut m], &mut [&mut v], max, h).unwrap();
+            let max = if amsgrad {
+                Some(&mut [&mut x[..]][..])
+            } else {
+                None
+            };
+            restore_adam::<f32>(
+                &mut [&mut w],
+                &[&backup],
+                &[&g],
+                &mut [&mut m],
+                &mut [&mut v],
+                max,
+                h,
+            )
+            .unwrap();
             for i in 0..6 {
-                let s0 = AdamState { param: backup[i], exp_avg: m0[i], exp_avg_sq: v0[i], max_exp_avg_sq: amsgrad.then_some(x0[i]) };
+                let s0 = AdamState {
+                    param: backup[i],
+                    exp_avg: m0[i],
+                    exp_avg_sq: v0[i],
+                    max_exp_avg_sq: amsgrad.then_some(x0[i]),
+                };
                 let want = adam_reference(&s0, g[i], h);
-                assert!(same(w[i], want.param), "amsgrad={amsgrad} w[{i}] {} vs {}", w[i], want.param);
+                assert!(
+                    same(w[i], want.param),
+                    "amsgrad={amsgrad} w[{i}] {} vs {}",
+                    w[i],
+                    want.param
+                );
                 assert!(same(m[i], want.exp_avg));
                 assert!(same(v[i], want.exp_avg_sq));
                 if amsgrad {
-                    assert!(same(x[i], want.max_exp_avg_sq.unwrap()), "max[{i}] {} vs {:?}", x[i], want.max_exp_avg_sq);
+                    assert!(
+                        same(x[i], want.max_exp_avg_sq.unwrap()),
+                        "max[{i}] {} vs {:?}",
+                        x[i],
+                        want.max_exp_avg_sq
+                    );
                 }
             }
             if amsgrad {
@@ -871,13 +1162,40 @@ mod tests {
         let params: Vec<f32> = rng.vec(n, 1.0);
         let grads: Vec<f32> = rng.vec(n, 1.0);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             pool.install(|| {
                 let (mut w, mut buf) = (vec![0.0f32; n], vec![0.5f32; n]);
-                restore_sgd::<f32>(&mut [&mut w], &[&params], &[&grads], Some(&mut [&mut buf]), SGD).unwrap();
-                let (mut w2, mut m, mut v, mut x) = (vec![0.0f32; n], vec![0.1f32; n], vec![0.2f32; n], vec![0.3f32; n]);
-                let h = AdamHyper { amsgrad: true, ..ADAM };
-                restore_adam::<f32>(&mut [&mut w2], &[&params], &[&grads], &mut [&mut m], &mut [&mut v], Some(&mut [&mut x]), h).unwrap();
+                restore_sgd::<f32>(
+                    &mut [&mut w],
+                    &[&params],
+                    &[&grads],
+                    Some(&mut [&mut buf]),
+                    SGD,
+                )
+                .unwrap();
+                let (mut w2, mut m, mut v, mut x) = (
+                    vec![0.0f32; n],
+                    vec![0.1f32; n],
+                    vec![0.2f32; n],
+                    vec![0.3f32; n],
+                );
+                let h = AdamHyper {
+                    amsgrad: true,
+                    ..ADAM
+                };
+                restore_adam::<f32>(
+                    &mut [&mut w2],
+                    &[&params],
+                    &[&grads],
+                    &mut [&mut m],
+                    &mut [&mut v],
+                    Some(&mut [&mut x]),
+                    h,
+                )
+                .unwrap();
                 (w, buf, w2, m, v, x)
             })
         };
@@ -893,20 +1211,89 @@ mod tests {
         let short = [1.0f32; 3];
         let mut w = [7.0f32; 4];
         let mut buf = [7.0f32; 4];
-        let err = restore_sgd::<f32>(&mut [&mut w], &[&backup, &backup], &[&g], Some(&mut [&mut buf]), SGD).unwrap_err();
-        assert_eq!(err, KernelError::TensorCount { argument: "backups", expected: 1, found: 2 });
-        let err = restore_sgd::<f32>(&mut [&mut w], &[&backup], &[&short], Some(&mut [&mut buf]), SGD).unwrap_err();
-        assert_eq!(err, KernelError::Length { argument: "grads", index: 0, expected: 4, found: 3 });
+        let err = restore_sgd::<f32>(
+            &mut [&mut w],
+            &[&backup, &backup],
+            &[&g],
+            Some(&mut [&mut buf]),
+            SGD,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::TensorCount {
+                argument: "backups",
+                expected: 1,
+                found: 2
+            }
+        );
+        let err = restore_sgd::<f32>(
+            &mut [&mut w],
+            &[&backup],
+            &[&short],
+            Some(&mut [&mut buf]),
+            SGD,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::Length {
+                argument: "grads",
+                index: 0,
+                expected: 4,
+                found: 3
+            }
+        );
         let mut short_buf = [7.0f32; 3];
-        let err = restore_sgd::<f32>(&mut [&mut w], &[&backup], &[&g], Some(&mut [&mut short_buf]), SGD).unwrap_err();
-        assert_eq!(err, KernelError::Length { argument: "momentum_buffers", index: 0, expected: 4, found: 3 });
-        let err = restore_sgd::<f32>(&mut [&mut w], &[&backup], &[&g], Some(&mut []), SGD).unwrap_err();
-        assert_eq!(err, KernelError::TensorCount { argument: "momentum_buffers", expected: 1, found: 0 });
+        let err = restore_sgd::<f32>(
+            &mut [&mut w],
+            &[&backup],
+            &[&g],
+            Some(&mut [&mut short_buf]),
+            SGD,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::Length {
+                argument: "momentum_buffers",
+                index: 0,
+                expected: 4,
+                found: 3
+            }
+        );
+        let err =
+            restore_sgd::<f32>(&mut [&mut w], &[&backup], &[&g], Some(&mut []), SGD).unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::TensorCount {
+                argument: "momentum_buffers",
+                expected: 1,
+                found: 0
+            }
+        );
         // Second tensor of a list misaligned.
         let (mut w0, mut w1) = ([7.0f32; 2], [7.0f32; 4]);
-        let err = restore_sgd::<f32>(&mut [&mut w0, &mut w1], &[&backup[..2], &backup], &[&g[..2], &short], None, SgdHyper { momentum: 0.0, ..SGD })
-            .unwrap_err();
-        assert_eq!(err, KernelError::Length { argument: "grads", index: 1, expected: 4, found: 3 });
+        let err = restore_sgd::<f32>(
+            &mut [&mut w0, &mut w1],
+            &[&backup[..2], &backup],
+            &[&g[..2], &short],
+            None,
+            SgdHyper {
+                momentum: 0.0,
+                ..SGD
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::Length {
+                argument: "grads",
+                index: 1,
+                expected: 4,
+                found: 3
+            }
+        );
         assert_eq!((w, buf, w0, w1), ([7.0; 4], [7.0; 4], [7.0; 2], [7.0; 4]));
     }
 
@@ -916,12 +1303,30 @@ mod tests {
         let g = [1.0f32; 4];
         let mut w = [7.0f32; 4];
         let err = restore_sgd::<f32>(&mut [&mut w], &[&backup], &[&g], None, SGD).unwrap_err();
-        assert_eq!(err, KernelError::Missing { argument: "momentum_buffers" });
-        assert_eq!(err.to_string(), "`momentum_buffers` is required by these hyperparameters");
+        assert_eq!(
+            err,
+            KernelError::Missing {
+                argument: "momentum_buffers"
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "`momentum_buffers` is required by these hyperparameters"
+        );
         assert_eq!(w, [7.0; 4]);
         // Without momentum, buffers are ignored, even misaligned ones, and left untouched.
         let mut ignored = [7.0f32; 1];
-        restore_sgd::<f32>(&mut [&mut w], &[&backup], &[&g], Some(&mut [&mut ignored]), SgdHyper { momentum: 0.0, ..SGD }).unwrap();
+        restore_sgd::<f32>(
+            &mut [&mut w],
+            &[&backup],
+            &[&g],
+            Some(&mut [&mut ignored]),
+            SgdHyper {
+                momentum: 0.0,
+                ..SGD
+            },
+        )
+        .unwrap();
         assert_eq!(ignored, [7.0]);
         assert_eq!(w, [0.9; 4]);
     }
@@ -933,16 +1338,89 @@ mod tests {
         let mut w = [7.0f32; 4];
         let (mut m, mut v, mut x) = ([7.0f32; 4], [7.0f32; 4], [7.0f32; 4]);
         let mut short = [7.0f32; 3];
-        let err = restore_adam::<f32>(&mut [&mut w], &[&backup], &[], &mut [&mut m], &mut [&mut v], None, ADAM).unwrap_err();
-        assert_eq!(err, KernelError::TensorCount { argument: "grads", expected: 1, found: 0 });
-        let err = restore_adam::<f32>(&mut [&mut w], &[&backup], &[&g], &mut [&mut short], &mut [&mut v], None, ADAM).unwrap_err();
-        assert_eq!(err, KernelError::Length { argument: "exp_avgs", index: 0, expected: 4, found: 3 });
-        let err = restore_adam::<f32>(&mut [&mut w], &[&backup], &[&g], &mut [&mut m], &mut [&mut short], None, ADAM).unwrap_err();
-        assert_eq!(err, KernelError::Length { argument: "exp_avg_sqs", index: 0, expected: 4, found: 3 });
-        let h = AdamHyper { amsgrad: true, ..ADAM };
-        let err = restore_adam::<f32>(&mut [&mut w], &[&backup], &[&g], &mut [&mut m], &mut [&mut v], Some(&mut [&mut short]), h).unwrap_err();
-        assert_eq!(err, KernelError::Length { argument: "max_exp_avg_sqs", index: 0, expected: 4, found: 3 });
-        assert_eq!((w, m, v, x, short), ([7.0; 4], [7.0; 4], [7.0; 4], [7.0; 4], [7.0; 3]));
+        let err = restore_adam::<f32>(
+            &mut [&mut w],
+            &[&backup],
+            &[],
+            &mut [&mut m],
+            &mut [&mut v],
+            None,
+            ADAM,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::TensorCount {
+                argument: "grads",
+                expected: 1,
+                found: 0
+            }
+        );
+        let err = restore_adam::<f32>(
+            &mut [&mut w],
+            &[&backup],
+            &[&g],
+            &mut [&mut short],
+            &mut [&mut v],
+            None,
+            ADAM,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::Length {
+                argument: "exp_avgs",
+                index: 0,
+                expected: 4,
+                found: 3
+            }
+        );
+        let err = restore_adam::<f32>(
+            &mut [&mut w],
+            &[&backup],
+            &[&g],
+            &mut [&mut m],
+            &mut [&mut short],
+            None,
+            ADAM,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::Length {
+                argument: "exp_avg_sqs",
+                index: 0,
+                expected: 4,
+                found: 3
+            }
+        );
+        let h = AdamHyper {
+            amsgrad: true,
+            ..ADAM
+        };
+        let err = restore_adam::<f32>(
+            &mut [&mut w],
+            &[&backup],
+            &[&g],
+            &mut [&mut m],
+            &mut [&mut v],
+            Some(&mut [&mut short]),
+            h,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::Length {
+                argument: "max_exp_avg_sqs",
+                index: 0,
+                expected: 4,
+                found: 3
+            }
+        );
+        assert_eq!(
+            (w, m, v, x, short),
+            ([7.0; 4], [7.0; 4], [7.0; 4], [7.0; 4], [7.0; 3])
+        );
         let _ = &mut x;
     }
 
@@ -952,16 +1430,51 @@ mod tests {
         let g = [1.0f32; 4];
         let mut w = [7.0f32; 4];
         let (mut m, mut v) = ([0.0f32; 4], [0.0f32; 4]);
-        let h = AdamHyper { amsgrad: true, ..ADAM };
-        let err = restore_adam::<f32>(&mut [&mut w], &[&backup], &[&g], &mut [&mut m], &mut [&mut v], None, h).unwrap_err();
-        assert_eq!(err, KernelError::Missing { argument: "max_exp_avg_sqs" });
+        let h = AdamHyper {
+            amsgrad: true,
+            ..ADAM
+        };
+        let err = restore_adam::<f32>(
+            &mut [&mut w],
+            &[&backup],
+            &[&g],
+            &mut [&mut m],
+            &mut [&mut v],
+            None,
+            h,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            KernelError::Missing {
+                argument: "max_exp_avg_sqs"
+            }
+        );
         assert_eq!((w, m, v), ([7.0; 4], [0.0; 4], [0.0; 4]));
         // Without amsgrad the maxima are not touched (plain Adam), even when given.
         let mut x = [1e9f32; 4];
-        restore_adam::<f32>(&mut [&mut w], &[&backup], &[&g], &mut [&mut m], &mut [&mut v], Some(&mut [&mut x]), ADAM).unwrap();
+        restore_adam::<f32>(
+            &mut [&mut w],
+            &[&backup],
+            &[&g],
+            &mut [&mut m],
+            &mut [&mut v],
+            Some(&mut [&mut x]),
+            ADAM,
+        )
+        .unwrap();
         assert_eq!(x, [1e9; 4]);
         let (mut w2, mut m2, mut v2) = ([7.0f32; 4], [0.0f32; 4], [0.0f32; 4]);
-        restore_adam::<f32>(&mut [&mut w2], &[&backup], &[&g], &mut [&mut m2], &mut [&mut v2], None, ADAM).unwrap();
+        restore_adam::<f32>(
+            &mut [&mut w2],
+            &[&backup],
+            &[&g],
+            &mut [&mut m2],
+            &mut [&mut v2],
+            None,
+            ADAM,
+        )
+        .unwrap();
         assert_eq!((w, m, v), (w2, m2, v2));
     }
 }

@@ -27,7 +27,9 @@
 use half::{bf16, f16};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
-use sharpness_kernels::{self as k, AdamHyper, Element, KernelError, Real, SgdHyper, CHUNK, PARALLEL_THRESHOLD};
+use sharpness_kernels::{
+    self as k, AdamHyper, Element, KernelError, Real, SgdHyper, CHUNK, PARALLEL_THRESHOLD,
+};
 use std::fmt::Debug;
 
 // ---- element types as bits -------------------------------------------------------------------
@@ -100,9 +102,22 @@ fn check_lists<E: Fuzz>(what: &str, got: &[Vec<E>], want: &[Vec<E>]) -> Result<(
 }
 
 /// Exact equality of every bit (NaN payloads included): buffers a call must not have written.
-fn check_untouched<E: Fuzz>(what: &str, got: &[Vec<E>], before: &[Vec<E>]) -> Result<(), TestCaseError> {
-    let bits = |l: &[Vec<E>]| l.iter().map(|t| t.iter().map(|x| x.raw()).collect::<Vec<_>>()).collect::<Vec<_>>();
-    prop_assert!(bits(got) == bits(before), "{} `{}` was written", E::NAME, what);
+fn check_untouched<E: Fuzz>(
+    what: &str,
+    got: &[Vec<E>],
+    before: &[Vec<E>],
+) -> Result<(), TestCaseError> {
+    let bits = |l: &[Vec<E>]| {
+        l.iter()
+            .map(|t| t.iter().map(|x| x.raw()).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    };
+    prop_assert!(
+        bits(got) == bits(before),
+        "{} `{}` was written",
+        E::NAME,
+        what
+    );
     Ok(())
 }
 
@@ -132,24 +147,34 @@ impl Rng {
     /// One value: `special_pct` percent specials, the rest ordinary (|x| ≤ 4, some zeros).
     fn value<E: Fuzz>(&mut self, special_pct: u64) -> E {
         if self.below(100) >= special_pct {
-            return if self.below(16) == 0 { E::from_raw(0) } else { E::store(E::Math::from_f64(4.0 * self.unit())) };
+            return if self.below(16) == 0 {
+                E::from_raw(0)
+            } else {
+                E::store(E::Math::from_f64(4.0 * self.unit()))
+            };
         }
-        let sign = if self.below(2) == 0 { 0 } else { sign_bit::<E>() };
+        let sign = if self.below(2) == 0 {
+            0
+        } else {
+            sign_bit::<E>()
+        };
         let mantissa = self.next() & mantissa_mask::<E>();
         let bits = match self.below(8) {
-            0 => sign,                                                             // ±0
-            1 => sign | exponent_mask::<E>() | (mantissa | 1),                     // NaN, any payload
-            2 => sign | exponent_mask::<E>(),                                      // ±inf
-            3 | 4 => sign | (mantissa | 1),                                        // subnormal
+            0 => sign,                                                          // ±0
+            1 => sign | exponent_mask::<E>() | (mantissa | 1),                  // NaN, any payload
+            2 => sign | exponent_mask::<E>(),                                   // ±inf
+            3 | 4 => sign | (mantissa | 1),                                     // subnormal
             5 => sign | (exponent_mask::<E>() - (1 << E::MANTISSA)) | mantissa, // near overflow
-            _ => self.next(),                                                      // raw bits
+            _ => self.next(),                                                   // raw bits
         };
         E::from_raw(bits & (u64::MAX >> (64 - E::WIDTH)))
     }
 
     /// A tensor list of the given lengths. Each case draws how special its values are.
     fn tensors<E: Fuzz>(&mut self, lens: &[usize], special_pct: u64) -> Vec<Vec<E>> {
-        lens.iter().map(|&n| (0..n).map(|_| self.value::<E>(special_pct)).collect()).collect()
+        lens.iter()
+            .map(|&n| (0..n).map(|_| self.value::<E>(special_pct)).collect())
+            .collect()
     }
 
     /// Share of specials for a case: none, a few, or mostly.
@@ -201,13 +226,21 @@ fn misaligned(lens: &[usize], (_, kind, index, delta): Defect) -> Vec<usize> {
     } else {
         let i = index as usize % out.len();
         let d = 1 + delta as usize % 40;
-        out[i] = if kind % 2 == 0 || out[i] < d { out[i] + d } else { out[i] - d };
+        out[i] = if kind % 2 == 0 || out[i] < d {
+            out[i] + d
+        } else {
+            out[i] - d
+        };
     }
     out
 }
 
 /// The lengths of each of `names` (the first leads): all `lens`, except the defective one.
-fn argument_lengths(lens: &[usize], names: &[&'static str], defect: Option<Defect>) -> (Vec<Vec<usize>>, Option<&'static str>) {
+fn argument_lengths(
+    lens: &[usize],
+    names: &[&'static str],
+    defect: Option<Defect>,
+) -> (Vec<Vec<usize>>, Option<&'static str>) {
     let mut all = vec![lens.to_vec(); names.len()];
     match defect {
         Some(d) if names.len() > 1 => {
@@ -221,11 +254,14 @@ fn argument_lengths(lens: &[usize], names: &[&'static str], defect: Option<Defec
 
 fn check_error(result: Result<(), KernelError>, argument: &str) -> Result<(), TestCaseError> {
     match result {
-        Err(KernelError::TensorCount { argument: a, .. }) | Err(KernelError::Length { argument: a, .. }) => {
+        Err(KernelError::TensorCount { argument: a, .. })
+        | Err(KernelError::Length { argument: a, .. }) => {
             prop_assert_eq!(a, argument, "the error names another argument");
             Ok(())
         }
-        other => Err(TestCaseError::fail(format!("`{argument}` misaligned: expected an error naming it, got {other:?}"))),
+        other => Err(TestCaseError::fail(format!(
+            "`{argument}` misaligned: expected an error naming it, got {other:?}"
+        ))),
     }
 }
 
@@ -252,7 +288,14 @@ fn check_sum(what: &str, got: f64, want: f64, n: usize) -> Result<(), TestCaseEr
     } else {
         (got - want).abs() <= tol * want.abs()
     };
-    prop_assert!(ok, "{}: kernel {:e}, naive {:e} (n = {})", what, got, want, n);
+    prop_assert!(
+        ok,
+        "{}: kernel {:e}, naive {:e} (n = {})",
+        what,
+        got,
+        want,
+        n
+    );
     Ok(())
 }
 
@@ -261,11 +304,25 @@ fn fuzz_sum_of_squares<E: Fuzz>(seed: u64, lens: &[usize]) -> Result<(), TestCas
     let pct = rng.special_pct();
     let g: Vec<Vec<E>> = rng.tensors(lens, pct);
     let got = k::sum_of_squares::<E>(&refs(&g));
-    let want = g.iter().flatten().map(|x| x.load().to_f64()).fold(0.0, |acc, x| acc + x * x);
-    check_sum(&format!("{} sum_of_squares", E::NAME), got, want, lens.iter().sum())
+    let want = g
+        .iter()
+        .flatten()
+        .map(|x| x.load().to_f64())
+        .fold(0.0, |acc, x| acc + x * x);
+    check_sum(
+        &format!("{} sum_of_squares", E::NAME),
+        got,
+        want,
+        lens.iter().sum(),
+    )
 }
 
-fn fuzz_sum_of_squares_adaptive<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, eta: f64) -> Result<(), TestCaseError> {
+fn fuzz_sum_of_squares_adaptive<E: Fuzz>(
+    seed: u64,
+    lens: &[usize],
+    defect: Option<Defect>,
+    eta: f64,
+) -> Result<(), TestCaseError> {
     let mut rng = Rng(seed);
     let pct = rng.special_pct();
     let (shapes, bad) = argument_lengths(lens, &["weights", "grads"], defect);
@@ -276,16 +333,31 @@ fn fuzz_sum_of_squares_adaptive<E: Fuzz>(seed: u64, lens: &[usize], defect: Opti
         return check_error(result.map(|_| ()), argument);
     }
     let got = result.map_err(|e| TestCaseError::fail(format!("aligned call failed: {e}")))?;
-    let want = w.iter().flatten().zip(g.iter().flatten()).fold(0.0, |acc, (&w, &g)| {
-        let t = (w.load().to_f64().abs() + eta) * g.load().to_f64();
-        acc + t * t
-    });
-    check_sum(&format!("{} sum_of_squares_adaptive", E::NAME), got, want, lens.iter().sum())
+    let want = w
+        .iter()
+        .flatten()
+        .zip(g.iter().flatten())
+        .fold(0.0, |acc, (&w, &g)| {
+            let t = (w.load().to_f64().abs() + eta) * g.load().to_f64();
+            acc + t * t
+        });
+    check_sum(
+        &format!("{} sum_of_squares_adaptive", E::NAME),
+        got,
+        want,
+        lens.iter().sum(),
+    )
 }
 
 // ---- perturbation and restoration ------------------------------------------------------------
 
-fn fuzz_perturb<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, scale: f64, adaptive: Option<f64>) -> Result<(), TestCaseError> {
+fn fuzz_perturb<E: Fuzz>(
+    seed: u64,
+    lens: &[usize],
+    defect: Option<Defect>,
+    scale: f64,
+    adaptive: Option<f64>,
+) -> Result<(), TestCaseError> {
     let mut rng = Rng(seed);
     let pct = rng.special_pct();
     let (shapes, bad) = argument_lengths(lens, &["weights", "grads", "backups"], defect);
@@ -295,7 +367,9 @@ fn fuzz_perturb<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, scal
     let (mut w, mut b) = (w0.clone(), b0.clone());
     let result = match adaptive {
         None => k::perturb::<E>(&mut muts(&mut w), &refs(&g), &mut muts(&mut b), scale),
-        Some(eta) => k::perturb_adaptive::<E>(&mut muts(&mut w), &refs(&g), &mut muts(&mut b), scale, eta),
+        Some(eta) => {
+            k::perturb_adaptive::<E>(&mut muts(&mut w), &refs(&g), &mut muts(&mut b), scale, eta)
+        }
     };
     if let Some(argument) = bad {
         check_error(result.clone(), argument)?;
@@ -323,12 +397,26 @@ fn fuzz_perturb<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, scal
                 .collect()
         })
         .collect();
-    check_lists(if adaptive.is_some() { "perturb_adaptive weights" } else { "perturb weights" }, &w, &want)?;
+    check_lists(
+        if adaptive.is_some() {
+            "perturb_adaptive weights"
+        } else {
+            "perturb weights"
+        },
+        &w,
+        &want,
+    )?;
     // The backup is a copy of the original weights, every bit of them.
     check_untouched("backups (as a copy of the weights)", &b, &w0)
 }
 
-fn fuzz_offsets<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, scale: f64, adaptive: Option<f64>) -> Result<(), TestCaseError> {
+fn fuzz_offsets<E: Fuzz>(
+    seed: u64,
+    lens: &[usize],
+    defect: Option<Defect>,
+    scale: f64,
+    adaptive: Option<f64>,
+) -> Result<(), TestCaseError> {
     let mut rng = Rng(seed);
     let pct = rng.special_pct();
     let (shapes, bad) = argument_lengths(lens, &["weights", "grads", "offsets"], defect);
@@ -336,7 +424,13 @@ fn fuzz_offsets<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, scal
     let g: Vec<Vec<E>> = rng.tensors(&shapes[1], pct);
     let o0: Vec<Vec<bf16>> = rng.tensors(&shapes[2], 50); // garbage the kernel must overwrite
     let (mut w, mut o) = (w0.clone(), o0.clone());
-    let result = k::perturb_offsets::<E>(&mut muts(&mut w), &refs(&g), &mut muts(&mut o), scale, adaptive);
+    let result = k::perturb_offsets::<E>(
+        &mut muts(&mut w),
+        &refs(&g),
+        &mut muts(&mut o),
+        scale,
+        adaptive,
+    );
     if let Some(argument) = bad {
         check_error(result.clone(), argument)?;
         check_untouched("weights", &w, &w0)?;
@@ -352,27 +446,50 @@ fn fuzz_offsets<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, scal
         }
     };
     // o = bf16(e); w + o in the weights' compute type, one rounding
-    let want_o: Vec<Vec<bf16>> =
-        w0.iter().zip(&g).map(|(wt, gt)| wt.iter().zip(gt).map(|(&w, &g)| e_of(w, g).to_bf16()).collect()).collect();
+    let want_o: Vec<Vec<bf16>> = w0
+        .iter()
+        .zip(&g)
+        .map(|(wt, gt)| {
+            wt.iter()
+                .zip(gt)
+                .map(|(&w, &g)| e_of(w, g).to_bf16())
+                .collect()
+        })
+        .collect();
     check_lists("perturb_offsets offsets", &o, &want_o)?;
     let want_w: Vec<Vec<E>> = w0
         .iter()
         .zip(&want_o)
-        .map(|(wt, ot)| wt.iter().zip(ot).map(|(&w, &o)| E::store(w.load() + E::Math::from_bf16(o))).collect())
+        .map(|(wt, ot)| {
+            wt.iter()
+                .zip(ot)
+                .map(|(&w, &o)| E::store(w.load() + E::Math::from_bf16(o)))
+                .collect()
+        })
         .collect();
     check_lists("perturb_offsets weights", &w, &want_w)?;
     // the restoration subtracts exactly the stored offsets
     let moved = w.clone();
-    k::subtract_offsets::<E>(&mut muts(&mut w), &refs(&o)).map_err(|e| TestCaseError::fail(format!("subtract failed: {e}")))?;
+    k::subtract_offsets::<E>(&mut muts(&mut w), &refs(&o))
+        .map_err(|e| TestCaseError::fail(format!("subtract failed: {e}")))?;
     let want_back: Vec<Vec<E>> = moved
         .iter()
         .zip(&o)
-        .map(|(wt, ot)| wt.iter().zip(ot).map(|(&w, &o)| E::store(w.load() - E::Math::from_bf16(o))).collect())
+        .map(|(wt, ot)| {
+            wt.iter()
+                .zip(ot)
+                .map(|(&w, &o)| E::store(w.load() - E::Math::from_bf16(o)))
+                .collect()
+        })
         .collect();
     check_lists("subtract_offsets weights", &w, &want_back)
 }
 
-fn fuzz_restore<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>) -> Result<(), TestCaseError> {
+fn fuzz_restore<E: Fuzz>(
+    seed: u64,
+    lens: &[usize],
+    defect: Option<Defect>,
+) -> Result<(), TestCaseError> {
     let mut rng = Rng(seed);
     let pct = rng.special_pct();
     let (shapes, bad) = argument_lengths(lens, &["weights", "backups"], defect);
@@ -388,23 +505,47 @@ fn fuzz_restore<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>) -> R
     check_untouched("weights (restored from the backups)", &w, &b)
 }
 
-fn fuzz_any_nonzero<E: Fuzz>(seed: u64, lens: &[usize], zero_pct: u64) -> Result<(), TestCaseError> {
+fn fuzz_any_nonzero<E: Fuzz>(
+    seed: u64,
+    lens: &[usize],
+    zero_pct: u64,
+) -> Result<(), TestCaseError> {
     let mut rng = Rng(seed);
     let pct = rng.special_pct();
     for n in lens {
         // Mostly ±0, so that both answers occur, with the non-zero elements anywhere.
         let t: Vec<E> = (0..*n)
-            .map(|_| if rng.below(100) < zero_pct { E::from_raw(if rng.below(2) == 0 { 0 } else { sign_bit::<E>() }) } else { rng.value(pct) })
+            .map(|_| {
+                if rng.below(100) < zero_pct {
+                    E::from_raw(if rng.below(2) == 0 {
+                        0
+                    } else {
+                        sign_bit::<E>()
+                    })
+                } else {
+                    rng.value(pct)
+                }
+            })
             .collect();
         let want = t.iter().any(|x| x.load() != E::Math::ZERO);
-        prop_assert_eq!(k::any_nonzero::<E>(&t), want, "{} any_nonzero of {:?}", E::NAME, &t[..t.len().min(64)]);
+        prop_assert_eq!(
+            k::any_nonzero::<E>(&t),
+            want,
+            "{} any_nonzero of {:?}",
+            E::NAME,
+            &t[..t.len().min(64)]
+        );
     }
     Ok(())
 }
 
 // ---- dot and axpby -----------------------------------------------------------------------------
 
-fn fuzz_dot<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>) -> Result<(), TestCaseError> {
+fn fuzz_dot<E: Fuzz>(
+    seed: u64,
+    lens: &[usize],
+    defect: Option<Defect>,
+) -> Result<(), TestCaseError> {
     let mut rng = Rng(seed);
     let pct = rng.special_pct();
     let (shapes, bad) = argument_lengths(lens, &["a", "b"], defect);
@@ -415,22 +556,42 @@ fn fuzz_dot<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>) -> Resul
         return check_error(result.map(|_| ()), argument);
     }
     let got = result.map_err(|e| TestCaseError::fail(format!("aligned call failed: {e}")))?;
-    let terms: Vec<f64> = a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| x.load().to_f64() * y.load().to_f64()).collect();
+    let terms: Vec<f64> = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| x.load().to_f64() * y.load().to_f64())
+        .collect();
     let want = terms.iter().fold(0.0, |acc, t| acc + t);
     let sum_abs = terms.iter().fold(0.0, |acc, t| acc + t.abs());
     let n = terms.len();
     let tol = 2.0 * (n as f64 + 1.0) * f64::EPSILON * sum_abs;
-    // Terms of both signs can overflow in one order of summation and not in another.
-    let overflow_possible = !(sum_abs < f64::MAX / 4.0);
+    // Terms of both signs can overflow in one order of summation and not in another
+    // (a NaN `sum_abs` counts as possible overflow too).
+    let overflow_possible = sum_abs.is_nan() || sum_abs >= f64::MAX / 4.0;
     let ok = overflow_possible
         || (want.is_nan() && got.is_nan())
         || got == want
         || (got - want).abs() <= tol;
-    prop_assert!(ok, "{} dot: kernel {:e}, naive {:e} (n = {}, sum |a·b| = {:e})", E::NAME, got, want, n, sum_abs);
+    prop_assert!(
+        ok,
+        "{} dot: kernel {:e}, naive {:e} (n = {}, sum |a·b| = {:e})",
+        E::NAME,
+        got,
+        want,
+        n,
+        sum_abs
+    );
     Ok(())
 }
 
-fn fuzz_axpby<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, alpha: f64, beta: f64) -> Result<(), TestCaseError> {
+fn fuzz_axpby<E: Fuzz>(
+    seed: u64,
+    lens: &[usize],
+    defect: Option<Defect>,
+    alpha: f64,
+    beta: f64,
+) -> Result<(), TestCaseError> {
     let mut rng = Rng(seed);
     let pct = rng.special_pct();
     // The kernel's lead argument is `y` (the one it writes).
@@ -445,8 +606,16 @@ fn fuzz_axpby<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, alpha:
     }
     result.map_err(|e| TestCaseError::fail(format!("aligned call failed: {e}")))?;
     let (a, b) = (E::Math::from_f64(alpha), E::Math::from_f64(beta));
-    let want: Vec<Vec<E>> =
-        y0.iter().zip(&x).map(|(yt, xt)| yt.iter().zip(xt).map(|(&y, &x)| E::store(a * x.load() + b * y.load())).collect()).collect();
+    let want: Vec<Vec<E>> = y0
+        .iter()
+        .zip(&x)
+        .map(|(yt, xt)| {
+            yt.iter()
+                .zip(xt)
+                .map(|(&y, &x)| E::store(a * x.load() + b * y.load()))
+                .collect()
+        })
+        .collect();
     check_lists("axpby y", &y, &want)
 }
 
@@ -460,15 +629,19 @@ fn sgd_strategy() -> impl Strategy<Value = SgdHyper> {
         prop_oneof![Just(0.0), scalar(0.0..0.5)],
         any::<(bool, bool, bool)>(),
     )
-        .prop_map(|(lr, momentum, dampening, weight_decay, (nesterov, maximize, init_momentum))| SgdHyper {
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            nesterov,
-            maximize,
-            init_momentum,
-        })
+        .prop_map(
+            |(lr, momentum, dampening, weight_decay, (nesterov, maximize, init_momentum))| {
+                SgdHyper {
+                    lr,
+                    momentum,
+                    dampening,
+                    weight_decay,
+                    nesterov,
+                    maximize,
+                    init_momentum,
+                }
+            },
+        )
 }
 
 /// `_single_tensor_sgd` for one element (host scalars rounded to the compute type, every stored
@@ -476,33 +649,64 @@ fn sgd_strategy() -> impl Strategy<Value = SgdHyper> {
 fn sgd_formula<E: Element>(param: E, grad: E, buf: E, h: SgdHyper) -> (E, Option<E>) {
     let s = |v: f64| E::Math::from_f64(v);
     let p = param.load();
-    let mut d = if h.maximize { -grad.load() } else { grad.load() };
+    let mut d = if h.maximize {
+        -grad.load()
+    } else {
+        grad.load()
+    };
     if h.weight_decay != 0.0 {
         d = d + s(h.weight_decay) * p;
     }
     let mut new_buf = None;
     if h.momentum != 0.0 {
-        let b = if h.init_momentum { E::store(d) } else { E::store(buf.load() * s(h.momentum) + s(1.0 - h.dampening) * d) };
+        let b = if h.init_momentum {
+            E::store(d)
+        } else {
+            E::store(buf.load() * s(h.momentum) + s(1.0 - h.dampening) * d)
+        };
         new_buf = Some(b);
-        d = if h.nesterov { d + s(h.momentum) * b.load() } else { b.load() };
+        d = if h.nesterov {
+            d + s(h.momentum) * b.load()
+        } else {
+            b.load()
+        };
     }
     (E::store(p + s(-h.lr) * d), new_buf)
 }
 
 /// `buffers`: 0 = none given, 1 = given. `in_place`: `sgd_step` (no backups).
-fn fuzz_sgd<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, h: SgdHyper, give_buffers: bool, in_place: bool) -> Result<(), TestCaseError> {
+fn fuzz_sgd<E: Fuzz>(
+    seed: u64,
+    lens: &[usize],
+    defect: Option<Defect>,
+    h: SgdHyper,
+    give_buffers: bool,
+    in_place: bool,
+) -> Result<(), TestCaseError> {
     let mut rng = Rng(seed);
     let pct = rng.special_pct();
-    let names: &[&'static str] = if in_place { &["weights", "grads", "momentum_buffers"] } else { &["weights", "backups", "grads", "momentum_buffers"] };
+    let names: &[&'static str] = if in_place {
+        &["weights", "grads", "momentum_buffers"]
+    } else {
+        &["weights", "backups", "grads", "momentum_buffers"]
+    };
     let (shapes, bad) = argument_lengths(lens, names, defect);
     let w0: Vec<Vec<E>> = rng.tensors(&shapes[0], if in_place { pct } else { 50 });
-    let backups: Vec<Vec<E>> = if in_place { Vec::new() } else { rng.tensors(&shapes[1], pct) };
+    let backups: Vec<Vec<E>> = if in_place {
+        Vec::new()
+    } else {
+        rng.tensors(&shapes[1], pct)
+    };
     let g: Vec<Vec<E>> = rng.tensors(&shapes[names.len() - 2], pct);
     let buf0: Vec<Vec<E>> = rng.tensors(&shapes[names.len() - 1], pct);
     let (mut w, mut buf) = (w0.clone(), buf0.clone());
     let result = {
         let mut bufs = muts(&mut buf);
-        let bufs = if give_buffers { Some(&mut bufs[..]) } else { None };
+        let bufs = if give_buffers {
+            Some(&mut bufs[..])
+        } else {
+            None
+        };
         if in_place {
             k::sgd_step::<E>(&mut muts(&mut w), &refs(&g), bufs, h)
         } else {
@@ -518,7 +722,12 @@ fn fuzz_sgd<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, h: SgdHy
     if let Some(argument) = expected_error {
         check_error(result.clone(), argument)?;
     } else if uses_buffers && !give_buffers {
-        prop_assert_eq!(result.clone(), Err(KernelError::Missing { argument: "momentum_buffers" }));
+        prop_assert_eq!(
+            result.clone(),
+            Err(KernelError::Missing {
+                argument: "momentum_buffers"
+            })
+        );
     }
     if result.is_err() {
         check_untouched("weights", &w, &w0)?;
@@ -534,7 +743,11 @@ fn fuzz_sgd<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, h: SgdHy
         let (mut wt, mut bt) = (Vec::new(), Vec::new());
         for i in 0..lens[t] {
             // Buffers the call ignores may be misaligned: read them only where they exist.
-            let b0 = buf0.get(t).and_then(|b| b.get(i)).copied().unwrap_or(E::from_raw(0));
+            let b0 = buf0
+                .get(t)
+                .and_then(|b| b.get(i))
+                .copied()
+                .unwrap_or(E::from_raw(0));
             let (p, b) = sgd_formula(source[t][i], g[t][i], b0, h);
             wt.push(p);
             bt.push(b.unwrap_or(b0));
@@ -561,17 +774,21 @@ fn adam_strategy() -> impl Strategy<Value = AdamHyper> {
         any::<(bool, bool, bool)>(),
         prop_oneof![4 => Just(1.0), 4 => (1.0f64..1e4).prop_map(f64::floor), 1 => scalar(0.0..1e9)],
     )
-        .prop_map(|(lr, beta1, beta2, eps, weight_decay, (decoupled, amsgrad, maximize), step)| AdamHyper {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            decoupled,
-            amsgrad,
-            maximize,
-            step,
-        })
+        .prop_map(
+            |(lr, beta1, beta2, eps, weight_decay, (decoupled, amsgrad, maximize), step)| {
+                AdamHyper {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    decoupled,
+                    amsgrad,
+                    maximize,
+                    step,
+                }
+            },
+        )
 }
 
 fn torch_lerp<M: Real>(start: M, end: M, weight: M) -> M {
@@ -586,7 +803,11 @@ fn torch_lerp<M: Real>(start: M, end: M, weight: M) -> M {
 fn adam_formula<E: Element>(param: E, grad: E, m: E, v: E, vmax: E, h: AdamHyper) -> (E, E, E, E) {
     let s = |x: f64| E::Math::from_f64(x);
     let mut p = param.load();
-    let mut grad = if h.maximize { -grad.load() } else { grad.load() };
+    let mut grad = if h.maximize {
+        -grad.load()
+    } else {
+        grad.load()
+    };
     if h.weight_decay != 0.0 {
         if h.decoupled {
             p = E::store(p * s(1.0 - h.lr * h.weight_decay)).load();
@@ -601,9 +822,15 @@ fn adam_formula<E: Element>(param: E, grad: E, m: E, v: E, vmax: E, h: AdamHyper
     let step_size = h.lr / bias_correction1;
     let (second, vmax) = if h.amsgrad {
         let (a, b) = (vmax.load(), v.load());
-        // torch.maximum: NaN from either side wins.
+        // torch.maximum: NaN from either side wins (`x != x` is the NaN test for a generic type).
         #[allow(clippy::eq_op)]
-        let max = if a != a || b != b { a + b } else if a > b { a } else { b };
+        let max = if a != a || b != b {
+            a + b
+        } else if a > b {
+            a
+        } else {
+            b
+        };
         let max = E::store(max);
         (max.load(), max)
     } else {
@@ -613,18 +840,42 @@ fn adam_formula<E: Element>(param: E, grad: E, m: E, v: E, vmax: E, h: AdamHyper
     (E::store(p + s(-step_size) * m.load() / denom), m, v, vmax)
 }
 
-fn fuzz_adam<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, h: AdamHyper, give_max: bool, in_place: bool) -> Result<(), TestCaseError> {
+fn fuzz_adam<E: Fuzz>(
+    seed: u64,
+    lens: &[usize],
+    defect: Option<Defect>,
+    h: AdamHyper,
+    give_max: bool,
+    in_place: bool,
+) -> Result<(), TestCaseError> {
     let mut rng = Rng(seed);
     let pct = rng.special_pct();
     let names: &[&'static str] = if in_place {
-        &["weights", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"]
+        &[
+            "weights",
+            "grads",
+            "exp_avgs",
+            "exp_avg_sqs",
+            "max_exp_avg_sqs",
+        ]
     } else {
-        &["weights", "backups", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"]
+        &[
+            "weights",
+            "backups",
+            "grads",
+            "exp_avgs",
+            "exp_avg_sqs",
+            "max_exp_avg_sqs",
+        ]
     };
     let at = |name: &str| names.iter().position(|n| *n == name).unwrap();
     let (shapes, bad) = argument_lengths(lens, names, defect);
     let w0: Vec<Vec<E>> = rng.tensors(&shapes[0], if in_place { pct } else { 50 });
-    let backups: Vec<Vec<E>> = if in_place { Vec::new() } else { rng.tensors(&shapes[1], pct) };
+    let backups: Vec<Vec<E>> = if in_place {
+        Vec::new()
+    } else {
+        rng.tensors(&shapes[1], pct)
+    };
     let g: Vec<Vec<E>> = rng.tensors(&shapes[at("grads")], pct);
     let m0: Vec<Vec<E>> = rng.tensors(&shapes[at("exp_avgs")], pct);
     let v0: Vec<Vec<E>> = rng.tensors(&shapes[at("exp_avg_sqs")], pct);
@@ -634,9 +885,24 @@ fn fuzz_adam<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, h: Adam
         let mut xs = muts(&mut x);
         let max = if give_max { Some(&mut xs[..]) } else { None };
         if in_place {
-            k::adam_step::<E>(&mut muts(&mut w), &refs(&g), &mut muts(&mut m), &mut muts(&mut v), max, h)
+            k::adam_step::<E>(
+                &mut muts(&mut w),
+                &refs(&g),
+                &mut muts(&mut m),
+                &mut muts(&mut v),
+                max,
+                h,
+            )
         } else {
-            k::restore_adam::<E>(&mut muts(&mut w), &refs(&backups), &refs(&g), &mut muts(&mut m), &mut muts(&mut v), max, h)
+            k::restore_adam::<E>(
+                &mut muts(&mut w),
+                &refs(&backups),
+                &refs(&g),
+                &mut muts(&mut m),
+                &mut muts(&mut v),
+                max,
+                h,
+            )
         }
     };
     let expected_error = match bad {
@@ -646,7 +912,12 @@ fn fuzz_adam<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, h: Adam
     if let Some(argument) = expected_error {
         check_error(result.clone(), argument)?;
     } else if h.amsgrad && !give_max {
-        prop_assert_eq!(result.clone(), Err(KernelError::Missing { argument: "max_exp_avg_sqs" }));
+        prop_assert_eq!(
+            result.clone(),
+            Err(KernelError::Missing {
+                argument: "max_exp_avg_sqs"
+            })
+        );
     }
     if result.is_err() {
         check_untouched("weights", &w, &w0)?;
@@ -662,7 +933,11 @@ fn fuzz_adam<E: Fuzz>(seed: u64, lens: &[usize], defect: Option<Defect>, h: Adam
     for t in 0..lens.len() {
         let (mut a, mut b, mut c, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..lens[t] {
-            let x_in = x0.get(t).and_then(|x| x.get(i)).copied().unwrap_or(E::from_raw(0));
+            let x_in = x0
+                .get(t)
+                .and_then(|x| x.get(i))
+                .copied()
+                .unwrap_or(E::from_raw(0));
             let (p, m1, m2, mx) = adam_formula(source[t][i], g[t][i], m0[t][i], v0[t][i], x_in, h);
             a.push(p);
             b.push(m1);

@@ -81,17 +81,25 @@ pub struct Call<'py> {
     keep_alive: Vec<Bound<'py, PyUntypedArray>>,
 }
 
-fn as_arrays<'py>(argument: &'static str, obj: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyUntypedArray>>> {
+fn as_arrays<'py>(
+    argument: &'static str,
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<Vec<Bound<'py, PyUntypedArray>>> {
     if let Ok(array) = obj.cast::<PyUntypedArray>() {
         return Ok(vec![array.clone()]);
     }
     if obj.is_instance_of::<PyString>() {
-        return Err(PyTypeError::new_err(format!("`{argument}` must be an ndarray or a sequence of ndarrays, got a str")));
+        return Err(PyTypeError::new_err(format!(
+            "`{argument}` must be an ndarray or a sequence of ndarrays, got a str"
+        )));
     }
     let items = obj.try_iter().map_err(|_| {
         PyTypeError::new_err(format!(
             "`{argument}` must be an ndarray or a sequence of ndarrays, got {}",
-            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
         ))
     })?;
     let mut arrays = Vec::new();
@@ -100,7 +108,10 @@ fn as_arrays<'py>(argument: &'static str, obj: &Bound<'py, PyAny>) -> PyResult<V
         let array = item.cast::<PyUntypedArray>().map_err(|_| {
             PyTypeError::new_err(format!(
                 "item {index} of `{argument}` is a {}, not an ndarray",
-                item.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+                item.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
             ))
         })?;
         arrays.push(array.clone());
@@ -110,7 +121,13 @@ fn as_arrays<'py>(argument: &'static str, obj: &Bound<'py, PyAny>) -> PyResult<V
 
 impl<'py> Call<'py> {
     pub fn new(_py: Python<'py>) -> Self {
-        Call { dtype: None, shapes: None, first_argument: "", ranges: Vec::new(), keep_alive: Vec::new() }
+        Call {
+            dtype: None,
+            shapes: None,
+            first_argument: "",
+            ranges: Vec::new(),
+            keep_alive: Vec::new(),
+        }
     }
 
     /// The dtype shared by every array of the call (float32 for a call without arrays).
@@ -119,27 +136,50 @@ impl<'py> Call<'py> {
     }
 
     /// Adds an argument the kernel only reads.
-    pub fn read(&mut self, argument: &'static str, obj: &Bound<'py, PyAny>) -> PyResult<TensorList> {
+    pub fn read(
+        &mut self,
+        argument: &'static str,
+        obj: &Bound<'py, PyAny>,
+    ) -> PyResult<TensorList> {
         self.add(argument, obj, false)
     }
 
     /// Adds an argument the kernel writes.
-    pub fn write(&mut self, argument: &'static str, obj: &Bound<'py, PyAny>) -> PyResult<TensorList> {
+    pub fn write(
+        &mut self,
+        argument: &'static str,
+        obj: &Bound<'py, PyAny>,
+    ) -> PyResult<TensorList> {
         self.add(argument, obj, true)
     }
 
     /// Adds a written argument of a fixed dtype, outside the call's shared dtype (the subtract
     /// mode's bfloat16 offsets beside weights of any dtype).
-    pub fn write_fixed(&mut self, argument: &'static str, obj: &Bound<'py, PyAny>, dtype: DType) -> PyResult<TensorList> {
+    pub fn write_fixed(
+        &mut self,
+        argument: &'static str,
+        obj: &Bound<'py, PyAny>,
+        dtype: DType,
+    ) -> PyResult<TensorList> {
         self.add_typed(argument, obj, true, Some(dtype))
     }
 
     /// Adds a read argument of a fixed dtype (see [`Call::write_fixed`]).
-    pub fn read_fixed(&mut self, argument: &'static str, obj: &Bound<'py, PyAny>, dtype: DType) -> PyResult<TensorList> {
+    pub fn read_fixed(
+        &mut self,
+        argument: &'static str,
+        obj: &Bound<'py, PyAny>,
+        dtype: DType,
+    ) -> PyResult<TensorList> {
         self.add_typed(argument, obj, false, Some(dtype))
     }
 
-    fn add(&mut self, argument: &'static str, obj: &Bound<'py, PyAny>, writable: bool) -> PyResult<TensorList> {
+    fn add(
+        &mut self,
+        argument: &'static str,
+        obj: &Bound<'py, PyAny>,
+        writable: bool,
+    ) -> PyResult<TensorList> {
         self.add_typed(argument, obj, writable, None)
     }
 
@@ -215,7 +255,9 @@ impl<'py> Call<'py> {
                 ((*raw).fields.flags, (*raw).fields.data as usize)
             };
             if flags & NPY_ARRAY_ALIGNED == 0 || ptr % dtype.item_size() != 0 {
-                return Err(PyValueError::new_err(format!("array {index} of `{argument}` is not aligned to its dtype")));
+                return Err(PyValueError::new_err(format!(
+                    "array {index} of `{argument}` is not aligned to its dtype"
+                )));
             }
             if writable && flags & NPY_ARRAY_WRITEABLE == 0 {
                 return Err(PyValueError::new_err(format!(
@@ -224,7 +266,12 @@ impl<'py> Call<'py> {
             }
             let len = array.len();
             if len > 0 {
-                self.ranges.push(Range { start: ptr, end: ptr + len * dtype.item_size(), writable, argument });
+                self.ranges.push(Range {
+                    start: ptr,
+                    end: ptr + len * dtype.item_size(),
+                    writable,
+                    argument,
+                });
             }
             data.push((ptr, len));
         }
@@ -271,7 +318,13 @@ impl<'py> Call<'py> {
             .iter()
             // SAFETY: `add` checked dtype, alignment and contiguity; the arrays are kept alive by
             // `self`; `finish` checked that no written array overlaps this memory.
-            .map(|&(ptr, len)| if len == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(ptr as *const E, len) } })
+            .map(|&(ptr, len)| {
+                if len == 0 {
+                    &[][..]
+                } else {
+                    unsafe { std::slice::from_raw_parts(ptr as *const E, len) }
+                }
+            })
             .collect()
     }
 
@@ -280,21 +333,35 @@ impl<'py> Call<'py> {
         list.data
             .iter()
             // SAFETY: as in `slices`; `add_typed` checked the fixed dtype, whose item is a `T`.
-            .map(|&(ptr, len)| if len == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(ptr as *const T, len) } })
+            .map(|&(ptr, len)| {
+                if len == 0 {
+                    &[][..]
+                } else {
+                    unsafe { std::slice::from_raw_parts(ptr as *const T, len) }
+                }
+            })
             .collect()
     }
 
     /// A fixed-dtype argument's arrays as mutable slices of `T`.
+    // `&self` holds raw pointers, not the data; `Call` checked the arrays writable and disjoint.
     #[allow(clippy::mut_from_ref)]
     pub fn fixed_slices_mut<T: Copy>(&self, list: &TensorList) -> Vec<&mut [T]> {
         list.data
             .iter()
             // SAFETY: as in `slices_mut`.
-            .map(|&(ptr, len)| if len == 0 { &mut [][..] } else { unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, len) } })
+            .map(|&(ptr, len)| {
+                if len == 0 {
+                    &mut [][..]
+                } else {
+                    unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, len) }
+                }
+            })
             .collect()
     }
 
     /// The argument's arrays as mutable slices.
+    // `&self` holds raw pointers, not the data; `Call` checked the arrays writable and disjoint.
     #[allow(clippy::mut_from_ref)]
     pub fn slices_mut<E: Element>(&self, list: &TensorList) -> Vec<&mut [E]> {
         self.check_type::<E>();
@@ -302,7 +369,13 @@ impl<'py> Call<'py> {
             .iter()
             // SAFETY: as in `slices`, plus writability was checked and no other array of the call,
             // written or read, overlaps this one, so these are the only references to the memory.
-            .map(|&(ptr, len)| if len == 0 { &mut [][..] } else { unsafe { std::slice::from_raw_parts_mut(ptr as *mut E, len) } })
+            .map(|&(ptr, len)| {
+                if len == 0 {
+                    &mut [][..]
+                } else {
+                    unsafe { std::slice::from_raw_parts_mut(ptr as *mut E, len) }
+                }
+            })
             .collect()
     }
 }

@@ -8,7 +8,7 @@
 
 mod arrays;
 
-use arrays::{DType, Call};
+use arrays::{Call, DType};
 use half::{bf16, f16};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -56,28 +56,45 @@ fn sum_of_squares(py: Python<'_>, grads: &Bound<'_, PyAny>) -> PyResult<f64> {
 
 /// Σ ((|w| + eta)·g)², the squared norm of ASAM's `T_w g`, accumulated in float64.
 #[pyfunction]
-fn sum_of_squares_adaptive(py: Python<'_>, weights: &Bound<'_, PyAny>, grads: &Bound<'_, PyAny>, eta: f64) -> PyResult<f64> {
+fn sum_of_squares_adaptive(
+    py: Python<'_>,
+    weights: &Bound<'_, PyAny>,
+    grads: &Bound<'_, PyAny>,
+    eta: f64,
+) -> PyResult<f64> {
     let mut call = Call::new(py);
     let w = call.read("weights", weights)?;
     let g = call.read("grads", grads)?;
     call.finish()?;
     dispatch!(call.dtype(), E, {
         let (w, g) = (call.slices::<E>(&w), call.slices::<E>(&g));
-        py.detach(|| k::sum_of_squares_adaptive::<E>(&w, &g, eta)).map_err(kernel_error)
+        py.detach(|| k::sum_of_squares_adaptive::<E>(&w, &g, eta))
+            .map_err(kernel_error)
     })
 }
 
 /// `backups ← weights; weights ← weights + scale·grads`.
 #[pyfunction]
-fn perturb(py: Python<'_>, weights: &Bound<'_, PyAny>, grads: &Bound<'_, PyAny>, backups: &Bound<'_, PyAny>, scale: f64) -> PyResult<()> {
+fn perturb(
+    py: Python<'_>,
+    weights: &Bound<'_, PyAny>,
+    grads: &Bound<'_, PyAny>,
+    backups: &Bound<'_, PyAny>,
+    scale: f64,
+) -> PyResult<()> {
     let mut call = Call::new(py);
     let w = call.write("weights", weights)?;
     let g = call.read("grads", grads)?;
     let b = call.write("backups", backups)?;
     call.finish()?;
     dispatch!(call.dtype(), E, {
-        let (mut w, g, mut b) = (call.slices_mut::<E>(&w), call.slices::<E>(&g), call.slices_mut::<E>(&b));
-        py.detach(|| k::perturb::<E>(&mut w, &g, &mut b, scale)).map_err(kernel_error)
+        let (mut w, g, mut b) = (
+            call.slices_mut::<E>(&w),
+            call.slices::<E>(&g),
+            call.slices_mut::<E>(&b),
+        );
+        py.detach(|| k::perturb::<E>(&mut w, &g, &mut b, scale))
+            .map_err(kernel_error)
     })
 }
 
@@ -97,8 +114,13 @@ fn perturb_adaptive(
     let b = call.write("backups", backups)?;
     call.finish()?;
     dispatch!(call.dtype(), E, {
-        let (mut w, g, mut b) = (call.slices_mut::<E>(&w), call.slices::<E>(&g), call.slices_mut::<E>(&b));
-        py.detach(|| k::perturb_adaptive::<E>(&mut w, &g, &mut b, scale, eta)).map_err(kernel_error)
+        let (mut w, g, mut b) = (
+            call.slices_mut::<E>(&w),
+            call.slices::<E>(&g),
+            call.slices_mut::<E>(&b),
+        );
+        py.detach(|| k::perturb_adaptive::<E>(&mut w, &g, &mut b, scale, eta))
+            .map_err(kernel_error)
     })
 }
 
@@ -121,21 +143,31 @@ fn perturb_offsets(
     let o = call.write_fixed("offsets", offsets, DType::BF16)?;
     call.finish()?;
     dispatch!(call.dtype(), E, {
-        let (mut w, g, mut o) = (call.slices_mut::<E>(&w), call.slices::<E>(&g), call.fixed_slices_mut::<bf16>(&o));
-        py.detach(|| k::perturb_offsets::<E>(&mut w, &g, &mut o, scale, eta)).map_err(kernel_error)
+        let (mut w, g, mut o) = (
+            call.slices_mut::<E>(&w),
+            call.slices::<E>(&g),
+            call.fixed_slices_mut::<bf16>(&o),
+        );
+        py.detach(|| k::perturb_offsets::<E>(&mut w, &g, &mut o, scale, eta))
+            .map_err(kernel_error)
     })
 }
 
 /// `weights ← weights − offsets`: the subtract mode's restoration (within about one ulp).
 #[pyfunction]
-fn subtract_offsets(py: Python<'_>, weights: &Bound<'_, PyAny>, offsets: &Bound<'_, PyAny>) -> PyResult<()> {
+fn subtract_offsets(
+    py: Python<'_>,
+    weights: &Bound<'_, PyAny>,
+    offsets: &Bound<'_, PyAny>,
+) -> PyResult<()> {
     let mut call = Call::new(py);
     let w = call.write("weights", weights)?;
     let o = call.read_fixed("offsets", offsets, DType::BF16)?;
     call.finish()?;
     dispatch!(call.dtype(), E, {
         let (mut w, o) = (call.slices_mut::<E>(&w), call.fixed_slices::<bf16>(&o));
-        py.detach(|| k::subtract_offsets::<E>(&mut w, &o)).map_err(kernel_error)
+        py.detach(|| k::subtract_offsets::<E>(&mut w, &o))
+            .map_err(kernel_error)
     })
 }
 
@@ -148,7 +180,8 @@ fn restore(py: Python<'_>, weights: &Bound<'_, PyAny>, backups: &Bound<'_, PyAny
     call.finish()?;
     dispatch!(call.dtype(), E, {
         let (mut w, b) = (call.slices_mut::<E>(&w), call.slices::<E>(&b));
-        py.detach(|| k::restore::<E>(&mut w, &b)).map_err(kernel_error)
+        py.detach(|| k::restore::<E>(&mut w, &b))
+            .map_err(kernel_error)
     })
 }
 
@@ -157,6 +190,7 @@ fn restore(py: Python<'_>, weights: &Bound<'_, PyAny>, backups: &Bound<'_, PyAny
 #[pyfunction]
 #[pyo3(signature = (weights, backups, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0,
                     weight_decay=0.0, nesterov=false, maximize=false, init_momentum=false))]
+// The arguments mirror torch.optim.SGD's, one keyword each, as Python callers pass them.
 #[allow(clippy::too_many_arguments)]
 fn restore_sgd(
     py: Python<'_>,
@@ -173,7 +207,9 @@ fn restore_sgd(
     init_momentum: bool,
 ) -> PyResult<()> {
     if nesterov && (momentum <= 0.0 || dampening != 0.0) {
-        return Err(PyValueError::new_err("nesterov momentum requires a momentum and zero dampening"));
+        return Err(PyValueError::new_err(
+            "nesterov momentum requires a momentum and zero dampening",
+        ));
     }
     let mut call = Call::new(py);
     let w = call.write("weights", weights)?;
@@ -181,11 +217,23 @@ fn restore_sgd(
     let g = call.read("grads", grads)?;
     let buf = match (momentum_buffers, momentum != 0.0) {
         (Some(bufs), true) => Some(call.write("momentum_buffers", bufs)?),
-        (None, true) => return Err(PyValueError::new_err("momentum != 0 needs momentum_buffers")),
+        (None, true) => {
+            return Err(PyValueError::new_err(
+                "momentum != 0 needs momentum_buffers",
+            ))
+        }
         (_, false) => None,
     };
     call.finish()?;
-    let hyper = k::SgdHyper { lr, momentum, dampening, weight_decay, nesterov, maximize, init_momentum };
+    let hyper = k::SgdHyper {
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        nesterov,
+        maximize,
+        init_momentum,
+    };
     dispatch!(call.dtype(), E, {
         let (mut w, g) = (call.slices_mut::<E>(&w), call.slices::<E>(&g));
         let b = b.as_ref().map(|b| call.slices::<E>(b));
@@ -203,6 +251,7 @@ fn restore_sgd(
 #[pyfunction]
 #[pyo3(signature = (weights, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr,
                     beta1, beta2, eps, weight_decay=0.0, decoupled=false, amsgrad=false, maximize=false))]
+// The arguments mirror torch.optim.Adam(W)'s, one keyword each, as Python callers pass them.
 #[allow(clippy::too_many_arguments)]
 fn restore_adam(
     py: Python<'_>,
@@ -222,8 +271,11 @@ fn restore_adam(
     amsgrad: bool,
     maximize: bool,
 ) -> PyResult<()> {
-    if !(step >= 1.0) {
-        return Err(PyValueError::new_err(format!("step counts from 1 (the step being taken), got {step}")));
+    // NaN fails this test too.
+    if step.is_nan() || step < 1.0 {
+        return Err(PyValueError::new_err(format!(
+            "step counts from 1 (the step being taken), got {step}"
+        )));
     }
     let mut call = Call::new(py);
     let w = call.write("weights", weights)?;
@@ -234,18 +286,34 @@ fn restore_adam(
     let vmax = match (max_exp_avg_sqs, amsgrad) {
         (Some(v), true) => Some(call.write("max_exp_avg_sqs", v)?),
         (None, true) => return Err(PyValueError::new_err("amsgrad needs max_exp_avg_sqs")),
-        (Some(_), false) => return Err(PyValueError::new_err("max_exp_avg_sqs given without amsgrad")),
+        (Some(_), false) => {
+            return Err(PyValueError::new_err(
+                "max_exp_avg_sqs given without amsgrad",
+            ))
+        }
         (None, false) => None,
     };
     call.finish()?;
-    let hyper = k::AdamHyper { lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step };
+    let hyper = k::AdamHyper {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled,
+        amsgrad,
+        maximize,
+        step,
+    };
     dispatch!(call.dtype(), E, {
         let (mut w, g) = (call.slices_mut::<E>(&w), call.slices::<E>(&g));
         let b = b.as_ref().map(|b| call.slices::<E>(b));
         let (mut m1, mut m2) = (call.slices_mut::<E>(&m1), call.slices_mut::<E>(&m2));
         let mut vmax = vmax.as_ref().map(|v| call.slices_mut::<E>(v));
         py.detach(|| match &b {
-            Some(b) => k::restore_adam::<E>(&mut w, b, &g, &mut m1, &mut m2, vmax.as_deref_mut(), hyper),
+            Some(b) => {
+                k::restore_adam::<E>(&mut w, b, &g, &mut m1, &mut m2, vmax.as_deref_mut(), hyper)
+            }
             None => k::adam_step::<E>(&mut w, &g, &mut m1, &mut m2, vmax.as_deref_mut(), hyper),
         })
         .map_err(kernel_error)
@@ -267,14 +335,21 @@ fn dot(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<f
 
 /// `y ← alpha·x + beta·y`.
 #[pyfunction]
-fn axpby(py: Python<'_>, x: &Bound<'_, PyAny>, y: &Bound<'_, PyAny>, alpha: f64, beta: f64) -> PyResult<()> {
+fn axpby(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    y: &Bound<'_, PyAny>,
+    alpha: f64,
+    beta: f64,
+) -> PyResult<()> {
     let mut call = Call::new(py);
     let xs = call.read("x", x)?;
     let ys = call.write("y", y)?;
     call.finish()?;
     dispatch!(call.dtype(), E, {
         let (xs, mut ys) = (call.slices::<E>(&xs), call.slices_mut::<E>(&ys));
-        py.detach(|| k::axpby::<E>(&xs, &mut ys, alpha, beta)).map_err(kernel_error)
+        py.detach(|| k::axpby::<E>(&xs, &mut ys, alpha, beta))
+            .map_err(kernel_error)
     })
 }
 
