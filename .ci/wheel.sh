@@ -26,7 +26,7 @@ PY="$VENV/bin/python"
 [ -x "$PY" ] || { echo "wheel.sh: no python in $VENV" >&2; exit 2; }
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/sharpness-wheel.XXXXXX")"
-trap 'rm -rf "$WORK/tool" "$WORK/test" "$WORK/tests"' EXIT
+trap 'rm -rf "$WORK/tool" "$WORK/test" "$WORK/tests" "$WORK/notorch"' EXIT
 OUT="${WHEEL_OUT:-$WORK/dist}"
 mkdir -p "$OUT"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target/wheel}"
@@ -55,6 +55,20 @@ missing = [n for n in need if n not in names]
 assert not missing, f"wheel lacks {missing}"
 print(f"wheel contents: {len(names)} files, native module and stubs present")
 EOF
+
+echo "== the wheel without torch: a fresh venv with the wheel and what it depends on (numpy) only"
+"$PY" -m venv "$WORK/notorch"
+NPY="$WORK/notorch/bin/python"
+"$NPY" -m pip install -q --disable-pip-version-check "$WHEEL"
+if "$NPY" -c "import torch" 2>/dev/null; then
+    echo "wheel.sh: the wheel brought torch along; the numpy front must not need it" >&2
+    exit 1
+fi
+echo "installed without torch: $(du -sm "$("$NPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" | cut -f1) MB of packages"
+(cd "$WORK" && "$NPY" -X importtime -c "import sharpness.numpy" 2>&1 | tail -n 1)
+(cd "$WORK" && "$NPY" "$ROOT/tests/numpy_without_torch.py")
+"$NPY" -m pip install -q --disable-pip-version-check scikit-learn  # what the example's data needs
+(cd "$WORK" && "$NPY" "$ROOT/docs/numpy_example.py")
 
 echo "== fresh venv + wheel (dependencies from $VENV)"
 "$PY" -m venv "$WORK/test"

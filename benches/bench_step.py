@@ -107,7 +107,6 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-
 # -- the methods ---------------------------------------------------------------------------------
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import subprocess
 import sys
@@ -100,7 +99,9 @@ def soak(args: argparse.Namespace) -> dict:
     model = mlp(args.width, args.depth)
     gen = torch.Generator().manual_seed(1)
     # A fixed pool of batches, cycled: the data allocates nothing after the start.
-    batches = [(torch.randn(args.batch, 64, generator=gen), torch.randint(0, 10, (args.batch,), generator=gen)) for _ in range(16)]
+    batches = [
+        (torch.randn(args.batch, 64, generator=gen), torch.randint(0, 10, (args.batch,), generator=gen)) for _ in range(16)
+    ]
     opt = sharpness.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -245,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (default: min(2, CPUs))")
     ap.add_argument("--max-growth-mib", type=float, default=4.0, help="RSS growth after the warm-up that fails the run")
     ap.add_argument("--max-object-growth", type=int, default=1000, help="growth of gc-tracked objects that fails the run")
-    ap.add_argument("--probe-width", type=int, default=None, help="width of the memory probes' MLP (default 1024; 512 with --quick)")
+    ap.add_argument(
+        "--probe-width", type=int, default=None, help="width of the memory probes' MLP (default 1024; 512 with --quick)"
+    )
     ap.add_argument("--probe-depth", type=int, default=4, help="hidden layers of the memory probes' MLP")
     ap.add_argument("--no-probe", action="store_true", help="skip the RSS probes of the optimizer's memory")
     ap.add_argument("--json", help="write the results there")

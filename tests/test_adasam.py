@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from _family import assert_equal, batches, grads_at, loss_of, make_model, round_trip_mid_run, run
 from torch import nn
 
 import sharpness
-from _family import assert_equal, batches, closure_for, grads_at, loss_of, make_model, round_trip_mid_run, run
 
 BACKENDS = ["rust", "torch"]
 

@@ -11,18 +11,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from _family import assert_close, assert_equal, flat_dot, grads_at, grads_at_offset, loss_of, make_model
 
 import sharpness
 import sharpness.numpy as snp
-from _family import assert_close, assert_equal, flat_dot, grads_at, grads_at_offset, loss_of, make_model
 
 
 def batches(n, seed=1):
     g = torch.Generator().manual_seed(seed)
     # Batches of varying difficulty, so that ‖g‖² moves around its running mean.
     out = []
-    for i in range(n):
+    for _ in range(n):
         scale = 1.0 + 2.0 * float(torch.rand(1, generator=g))
         out.append((scale * torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g)))
     return out
@@ -192,7 +191,10 @@ def test_rho_zero_groups_are_outside_the_decision():
     x, y = batches(1)[0]
     model = make_model()
     g = grads_at(copy.deepcopy(model), x, y)
-    groups = [{"params": list(model[0].parameters()), "sam_rho": 0.0}, {"params": list(model[2].parameters()) + list(model[4].parameters())}]
+    groups = [
+        {"params": list(model[0].parameters()), "sam_rho": 0.0},
+        {"params": list(model[2].parameters()) + list(model[4].parameters())},
+    ]
     opt = sharpness.AESAM(groups, torch.optim.SGD, total_steps=12, rho=0.1, lr=0.05)
     loss_of(model, x, y).backward()
     opt.first_step(zero_grad=True)
@@ -264,7 +266,9 @@ def test_numpy_aesam_matches_the_paper():
 def test_numpy_limits_are_sam_and_the_base_step_bit_for_bit(lam, sam_rho):
     data = regression()
     w1, w2 = np.zeros(5), np.zeros(5)
-    fired = numpy_steps(snp.AESAM([w1], total_steps=len(data), lambda1=lam, lambda2=lam, rho=0.1, base="adamw", lr=0.01), w1, data)
+    fired = numpy_steps(
+        snp.AESAM([w1], total_steps=len(data), lambda1=lam, lambda2=lam, rho=0.1, base="adamw", lr=0.01), w1, data
+    )
     assert all(fired) if lam < 0 else not any(fired)
     numpy_steps(snp.SAM([w2], rho=sam_rho, base="adamw", lr=0.01), w2, data)
     assert np.array_equal(w1, w2)

@@ -9,10 +9,9 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from _family import batches, grads_at, loss_of, make_model, run
 
 import sharpness
-from _family import batches, closure_for, grads_at, loss_of, make_model, run
 
 BACKENDS = ["rust", "torch"]
 HYPER = dict(lr=0.05, rho=0.05, betas=(0.9, 0.999), weight_decay=1e-3, damping=0.1, s_init=1.0)

@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
+from _family import assert_close, assert_equal, batches, make_model
 from torch import nn
 
 import sharpness
-from _family import assert_close, assert_equal, batches, make_model
 
 
 def per_sample(model, x, y):
@@ -293,7 +293,9 @@ def test_maximize_on_the_loss_is_minimize_on_its_negation(backend, base_name, be
     base_cls, kw = BASES[base_name]
     data = batches(12)
     a, b = make_model(), make_model()
-    opt_a = sharpness.ESAM(a.parameters(), base_cls, beta=beta, gamma=gamma, rho=0.1, seed=7, backend=backend, maximize=True, **kw)
+    opt_a = sharpness.ESAM(
+        a.parameters(), base_cls, beta=beta, gamma=gamma, rho=0.1, seed=7, backend=backend, maximize=True, **kw
+    )
     opt_b = sharpness.ESAM(b.parameters(), base_cls, beta=beta, gamma=gamma, rho=0.1, seed=7, backend=backend, **kw)
     for x, y in data:
         opt_a.step(closure_for(a, x, y))

@@ -9,11 +9,10 @@ import copy
 
 import pytest
 import torch
+from test_amp import BASES as AMP_BASES, STANDALONE, VARIANTS, _begin, _build, _loss
 from torch import nn
 
 import sharpness
-from test_amp import BASES as AMP_BASES
-from test_amp import STANDALONE, VARIANTS, _begin, _build, _loss
 
 # -- rho = 0 against the base optimizer --------------------------------------------------------------
 

@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
+from _family import BASES, assert_close, assert_equal, batches, flat_dot, grads_at, grads_at_offset, make_model, run
 from torch import nn
 
 import sharpness
-from _family import BASES, assert_close, assert_equal, batches, flat_dot, grads_at, grads_at_offset, make_model, run
 
 
 def reference_fsam(model, base, data, rho, sigma, lmbda):
@@ -72,7 +72,12 @@ def test_sigma_zero_is_sam_bit_for_bit(backend):
     data = batches(20)
     a, b = make_model(), make_model()
     run(sharpness.SAM(a.parameters(), torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9, backend=backend), a, data, "two-call")
-    run(sharpness.FriendlySAM(b.parameters(), torch.optim.SGD, sigma=0.0, rho=0.1, lr=0.05, momentum=0.9, backend=backend), b, data, "two-call")
+    run(
+        sharpness.FriendlySAM(b.parameters(), torch.optim.SGD, sigma=0.0, rho=0.1, lr=0.05, momentum=0.9, backend=backend),
+        b,
+        data,
+        "two-call",
+    )
     assert_equal(a, b)
 
 

@@ -23,7 +23,9 @@ def initial(dtype):
 
 def data(n, dtype):
     g = np.random.default_rng(1)
-    return [(torch.from_numpy(g.standard_normal((12, 6)).astype(dtype)), torch.from_numpy(g.integers(0, 4, 12))) for _ in range(n)]
+    return [
+        (torch.from_numpy(g.standard_normal((12, 6)).astype(dtype)), torch.from_numpy(g.integers(0, 4, 12))) for _ in range(n)
+    ]
 
 
 CASES = [

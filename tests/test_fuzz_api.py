@@ -28,8 +28,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import sharpness
 from sharpness import _core
@@ -231,7 +230,11 @@ def test_core_kernels_never_crash(case):
     rng = np.random.default_rng(seed)
     args = [[random_array(rng, s, dtype, special_rate, nonneg=(k == "v")) for s in shapes] for k in kinds]
     if defect == "count":
-        args[where] = args[where] + [random_array(rng, (2,), dtype, 0)] if args[where] and where % 2 else args[where][:-1] or [random_array(rng, (3,), dtype, 0)]
+        args[where] = (
+            args[where] + [random_array(rng, (2,), dtype, 0)]
+            if args[where] and where % 2
+            else args[where][:-1] or [random_array(rng, (3,), dtype, 0)]
+        )
     elif defect == "str":
         args[where] = "weights"
     elif shapes and defect is not None:
@@ -370,8 +373,18 @@ def test_sam_matches_per_tensor_reference(case):
     sign = -1.0 if kw.get("maximize") else 1.0
 
     for step in range(2):
-        g1 = [None if t["frozen"] or t["grads"][2 * step] == "none" else make_grad(t["grads"][2 * step], t["shape"], t["dtype"], gen) for t in tensors]
-        g2 = [None if t["frozen"] or t["grads"][2 * step + 1] == "none" else make_grad(t["grads"][2 * step + 1], t["shape"], t["dtype"], gen) for t in tensors]
+        g1 = [
+            None
+            if t["frozen"] or t["grads"][2 * step] == "none"
+            else make_grad(t["grads"][2 * step], t["shape"], t["dtype"], gen)
+            for t in tensors
+        ]
+        g2 = [
+            None
+            if t["frozen"] or t["grads"][2 * step + 1] == "none"
+            else make_grad(t["grads"][2 * step + 1], t["shape"], t["dtype"], gen)
+            for t in tensors
+        ]
         # sharpness: gradients written into its views or assigned as fresh tensors
         opt.zero_grad()
         for p, g in zip(mine, g1):
@@ -427,7 +440,9 @@ def test_sam_matches_per_tensor_reference(case):
         ref_opt.step()
         for i, (p, q, t) in enumerate(zip(mine, ref, tensors)):
             tol = 1e-6 if t["dtype"] == torch.float32 else 1e-14
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"tensor {i} step {step}: {m}")
+            torch.testing.assert_close(
+                p.detach(), q.detach(), rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"tensor {i} step {step}: {m}"
+            )
 
 
 def test_zero_view_with_a_frozen_parameter_gets_no_weight_decay():
@@ -536,7 +551,7 @@ def test_empty_param_groups_change_nothing(case):
 
     with_empty, opt = run(True)
     without, _ = run(False)
-    for ps, qs, ts in zip(with_empty, without, init):
+    for ps, qs, _ts in zip(with_empty, without, init):
         for p, q in zip(ps, qs):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
     if opt is not None and not any(sizes):

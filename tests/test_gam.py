@@ -4,15 +4,14 @@ checkpoints."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
+from _family import assert_equal, batches, closure_for, grads_at, make_model, round_trip_mid_run, run
 from torch import nn
 
 import sharpness
-from _family import assert_equal, batches, closure_for, grads_at, loss_of, make_model, round_trip_mid_run, run
 
 BACKENDS = ["rust", "torch"]
 
@@ -84,7 +83,9 @@ def test_zero_extra_coefficients_is_sam_bit_for_bit(backend):
     """β₂ = β₃ = γ = 0 (β₁ = 1): the update is g₁ = ∇L(w + ρĝ), SAM's."""
     data = batches(12)
     a, b = make_model(), make_model()
-    gam = sharpness.GAM(a.parameters(), torch.optim.SGD, rho=0.1, beta2=0.0, beta3=0.0, gamma=0.0, backend=backend, lr=0.1, momentum=0.9)
+    gam = sharpness.GAM(
+        a.parameters(), torch.optim.SGD, rho=0.1, beta2=0.0, beta3=0.0, gamma=0.0, backend=backend, lr=0.1, momentum=0.9
+    )
     sam = sharpness.SAM(b.parameters(), torch.optim.SGD, rho=0.1, backend=backend, lr=0.1, momentum=0.9)
     run(gam, a, data)
     run(sam, b, data)

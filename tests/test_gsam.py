@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
+from _family import assert_close, assert_equal, batches, flat_dot, grads_at, grads_at_offset, loss_of
 from torch import nn
 
 import sharpness
-from _family import assert_close, assert_equal, batches, flat_dot, grads_at, grads_at_offset, loss_of
 
 
 def make_model(seed=0, dtype=torch.float32):
@@ -94,7 +94,12 @@ def test_alpha_zero_is_sam_bit_for_bit():
     for backend in ("rust", "torch"):
         a, b = make_model(), make_model()
         run(sharpness.SAM(a.parameters(), torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9, backend=backend), a, data, "closure")
-        run(sharpness.GSAM(b.parameters(), torch.optim.SGD, alpha=0.0, rho=0.1, lr=0.05, momentum=0.9, backend=backend), b, data, "closure")
+        run(
+            sharpness.GSAM(b.parameters(), torch.optim.SGD, alpha=0.0, rho=0.1, lr=0.05, momentum=0.9, backend=backend),
+            b,
+            data,
+            "closure",
+        )
         assert_equal(a, b)
 
 
@@ -152,7 +157,9 @@ def test_state_dict_round_trip_mid_schedule(backend):
     data = batches(14)
 
     def build(model):
-        opt = sharpness.GSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.01, alpha=0.2, lr=0.05, momentum=0.9, backend=backend)
+        opt = sharpness.GSAM(
+            model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.01, alpha=0.2, lr=0.05, momentum=0.9, backend=backend
+        )
         return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
 
     def train(opt, sched, model, part):

@@ -27,8 +27,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sharpness import _core
 
@@ -686,7 +685,9 @@ def test_every_kernel_checks_every_argument(name, bad, error, message):
 def test_mismatched_dtypes_raise_type_error():
     w, g64, b = f32(), np.ones(8, np.float64), f32()
     check = untouched(w, g64, b)
-    with pytest.raises(TypeError, match=r"array 0 of `grads` is float64 but the call's first array is float32: one call takes one dtype"):
+    with pytest.raises(
+        TypeError, match=r"array 0 of `grads` is float64 but the call's first array is float32: one call takes one dtype"
+    ):
         _core.perturb(w, g64, b, 1.0)
     # Within one list, too.
     with pytest.raises(TypeError, match="one call takes one dtype"):

@@ -4,15 +4,14 @@ claim: it converges for any ρ and η where SAM with SGD does not."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
+from _family import assert_equal, batches, grads_at, loss_of, make_model, round_trip_mid_run, run
 from torch import nn
 
 import sharpness
-from _family import assert_equal, batches, closure_for, grads_at, loss_of, make_model, round_trip_mid_run, run
 
 BACKENDS = ["rust", "torch"]
 VARIANTS = ["adagrad-norm", "adagrad", "adam"]
@@ -150,7 +149,9 @@ def test_first_step_on_a_quadratic_in_closed_form(backend):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_state_dict_round_trip_mid_run(backend, variant):
     data = batches(16)
-    a, oa, b, ob = round_trip_mid_run(lambda params: sharpness.LightSAM(params, lr=0.05, rho=0.1, variant=variant, backend=backend), run, data, 8)
+    a, oa, b, ob = round_trip_mid_run(
+        lambda params: sharpness.LightSAM(params, lr=0.05, rho=0.1, variant=variant, backend=backend), run, data, 8
+    )
     assert_equal(a, b)
     if variant == "adagrad-norm":
         assert ob.sam_state["u"] == oa.sam_state["u"] and ob.sam_state["v"] == oa.sam_state["v"]

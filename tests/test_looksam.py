@@ -9,10 +9,9 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from _family import assert_close, assert_equal, batches, flat_dot, grads_at, loss_of, make_model
 
 import sharpness
-from _family import assert_close, assert_equal, batches, flat_dot, grads_at, loss_of, make_model
 
 
 def reference_looksam(model, base, data, rho, k, alpha):

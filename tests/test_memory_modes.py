@@ -6,7 +6,6 @@ dtype, ``(w + o) − o`` for the restoration."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np

@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
+from _family import BASES, assert_close, batches, flat_dot, grads_at_offset, make_model, run
 from torch import nn
 
 import sharpness
-from _family import BASES, assert_close, batches, flat_dot, grads_at_offset, make_model, run
 
 
 def loss_of(model, x, y, scale=1.0):

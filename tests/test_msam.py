@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from _family import grads_at, loss_of
 from torch import nn
 
 import sharpness
-from _family import grads_at, loss_of
 
 
 def make_model(seed=0):
@@ -69,7 +69,9 @@ def test_matches_the_reference(backend, n):
     ref = make_model()
     mine = copy.deepcopy(ref)
     reference_msam(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, foreach=False), data, 0.1, n)
-    opt = sharpness.MSharpnessSAM(mine.parameters(), torch.optim.SGD, micro_batches=n, rho=0.1, lr=0.05, momentum=0.9, backend=backend)
+    opt = sharpness.MSharpnessSAM(
+        mine.parameters(), torch.optim.SGD, micro_batches=n, rho=0.1, lr=0.05, momentum=0.9, backend=backend
+    )
     run(opt, mine, data, n)
     for p, q in zip(ref.parameters(), mine.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

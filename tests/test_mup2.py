@@ -16,10 +16,10 @@ import math
 
 import pytest
 import torch
+from _family import assert_close, assert_equal, batches, grads_at, loss_of
 from torch import nn
 
 import sharpness
-from _family import assert_close, assert_equal, batches, grads_at, loss_of
 
 # -- the rule, written from the table (m = width / base width) -------------------------------------
 

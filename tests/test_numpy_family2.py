@@ -16,8 +16,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
-import sharpness
 from _numpy_family import (
     AdamRef,
     SGDRef,
@@ -30,6 +28,8 @@ from _numpy_family import (
     torch_closure,
     torch_params,
 )
+
+import sharpness
 from sharpness import numpy as snp
 
 # -- a small softmax regression with hand-written gradients ----------------------------------------
@@ -516,7 +516,15 @@ def test_mixed_dtypes_run_per_dtype():
         arrays = copies(mixed)
         opt = cls(arrays, **kw)
         for t in range(4):
-            opt.step(lambda p, t=t: (0.0, [x.astype(a.dtype) for x, a in zip(loss_and_grads(X, labels, [q.astype(np.float64) for q in p], batch_rows(t))[1], p)]))
+            opt.step(
+                lambda p, t=t: (
+                    0.0,
+                    [
+                        x.astype(a.dtype)
+                        for x, a in zip(loss_and_grads(X, labels, [q.astype(np.float64) for q in p], batch_rows(t))[1], p)
+                    ],
+                )
+            )
         assert [a.dtype for a in arrays] == [np.float64, np.float32]
         assert not np.array_equal(arrays[0], mixed[0])
 

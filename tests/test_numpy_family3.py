@@ -17,10 +17,18 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from _numpy_family import (
+    AdamWRef,
+    SGDRef,
+    SoftmaxRegression,
+    assert_arrays as _assert_arrays,
+    dot,
+    norm,
+    torch_closure,
+    torch_params,
+)
 
 import sharpness
-from _numpy_family import AdamWRef, SGDRef, SoftmaxRegression, dot, norm, torch_closure, torch_params
-from _numpy_family import assert_arrays as _assert_arrays
 from sharpness.numpy import CRSAM, GAM, SAM, SSAMD, SSAMF
 
 # -- softmax regression with hand-written gradients ------------------------------------------------

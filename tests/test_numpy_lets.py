@@ -261,7 +261,9 @@ def run_torch(opt, tparams, train, val, steps):
     ("sgd", torch.optim.SGD, dict(lr=0.3, momentum=0.9, weight_decay=5e-4)),
     ("adam", torch.optim.Adam, dict(lr=0.03)),
 ], ids=["sgd", "adam"])
-@pytest.mark.parametrize("adaptive, hessian, rho, beta", [CASES[0], CASES[1], CASES[3]], ids=["SAM-diag", "ASAM-diag", "ASAM-identity"])
+@pytest.mark.parametrize(
+    "adaptive, hessian, rho, beta", [CASES[0], CASES[1], CASES[3]], ids=["SAM-diag", "ASAM-diag", "ASAM-identity"]
+)
 @pytest.mark.parametrize("grouped", [False, True], ids=["one-group", "two-groups"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_agrees_with_the_torch_front(base, base_cls, kw, adaptive, hessian, rho, beta, grouped, dtype):

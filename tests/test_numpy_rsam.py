@@ -19,9 +19,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from _numpy_family import AdamWRef, SGDRef, SoftmaxRegression, assert_arrays, copies, torch_closure, torch_params
 
 import sharpness
-from _numpy_family import AdamWRef, SGDRef, SoftmaxRegression, assert_arrays, copies, torch_closure, torch_params
 from sharpness import numpy as snp
 
 # -- a small softmax regression, weight (out, in), with hand-written gradients -----------------------

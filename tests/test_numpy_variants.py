@@ -10,10 +10,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from _numpy_family import SGDRef, assert_arrays as _assert_arrays, dot, torch_closure, torch_params
 
 import sharpness
-from _numpy_family import SGDRef, dot, torch_closure, torch_params
-from _numpy_family import assert_arrays as _assert_arrays
 from sharpness import numpy as snp
 
 # -- a small non-convex problem with hand-written gradients: pred = tanh(X W) v ------------------

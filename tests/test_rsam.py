@@ -12,10 +12,10 @@ import math
 
 import pytest
 import torch
+from _family import BASES, assert_close, assert_equal, batches, flat_dot, grads_at, loss_of, make_model
 from torch import nn
 
 import sharpness
-from _family import BASES, assert_close, assert_equal, batches, flat_dot, grads_at, loss_of, make_model
 
 
 def reference_delta(params, z, sigma):
@@ -111,7 +111,9 @@ def test_lambda_and_a_constant_sigma(backend):
     ref = make_model()
     mine = copy.deepcopy(ref)
     reference_rsam(ref, torch.optim.SGD(ref.parameters(), lr=0.05, foreach=False), data, 0.2, [0.02] * 12, 0.5, seed=4)
-    opt = sharpness.RandomSAM(mine.parameters(), torch.optim.SGD, rho=0.2, sigma=0.02, lambda_=0.5, lr=0.05, seed=4, backend=backend)
+    opt = sharpness.RandomSAM(
+        mine.parameters(), torch.optim.SGD, rho=0.2, sigma=0.02, lambda_=0.5, lr=0.05, seed=4, backend=backend
+    )
     run(opt, mine, data, "closure")
     assert_close(ref, mine)
 
@@ -191,7 +193,13 @@ def test_a_groups_norm_weight_enters_the_norm_of_d(backend):
     model = make_model().double()
     w0 = [p.detach().clone() for p in model.parameters()]
     opt = sharpness.RandomSAM(
-        [{"params": model.parameters(), "sam_norm_weight": 2.0}], torch.optim.SGD, rho=0.1, sigma=0.05, lr=0.1, seed=1, backend=backend
+        [{"params": model.parameters(), "sam_norm_weight": 2.0}],
+        torch.optim.SGD,
+        rho=0.1,
+        sigma=0.05,
+        lr=0.1,
+        seed=1,
+        backend=backend,
     )
     x, y = batches(1)[0]
     opt.add_noise()
@@ -240,7 +248,9 @@ def test_the_noise_is_filter_wise_and_relative(backend):
 def test_maximize_is_the_ascent_of_minus_l(backend):
     data = batches(8)
     a, b = make_model(), make_model()
-    oa = sharpness.RandomSAM(a.parameters(), torch.optim.SGD, rho=0.1, sigma=0.02, lr=0.05, maximize=True, seed=2, backend=backend)
+    oa = sharpness.RandomSAM(
+        a.parameters(), torch.optim.SGD, rho=0.1, sigma=0.02, lr=0.05, maximize=True, seed=2, backend=backend
+    )
     ob = sharpness.RandomSAM(b.parameters(), torch.optim.SGD, rho=0.1, sigma=0.02, lr=0.05, seed=2, backend=backend)
     for x, y in data:
         for opt, model, sign in ((oa, a, 1.0), (ob, b, -1.0)):

@@ -25,7 +25,7 @@ def reference_first_step(params, groups_cfg, maximize=False):
     With `maximize`, SAM runs on −L: the perturbation goes along −g."""
     with torch.no_grad():
         total = torch.zeros((), dtype=torch.float64)
-        for ps, rho, adaptive, eta in groups_cfg:
+        for ps, _rho, adaptive, eta in groups_cfg:
             for p in ps:
                 if p.grad is None:
                     continue

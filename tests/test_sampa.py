@@ -9,10 +9,9 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from _family import assert_close, assert_equal, batches, grads_at, loss_of, make_model
 
 import sharpness
-from _family import assert_close, assert_equal, batches, grads_at, loss_of, make_model
 
 
 def flat_dot(a, b):

@@ -11,10 +11,9 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from _family import BASES, assert_close, assert_equal, batches, flat_dot, grads_at, grads_at_offset, loss_of, make_model
 
 import sharpness
-from _family import BASES, assert_close, assert_equal, batches, flat_dot, grads_at, grads_at_offset, loss_of, make_model
 
 
 def split(flat, like):
@@ -200,7 +199,9 @@ def test_ssamd_state_dict_round_trip_with_random_growth(backend):
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
     c = make_model(seed=5)
-    opt_c = sharpness.SSAMD(c.parameters(), torch.optim.SGD, sparsity=0.7, rho=0.1, lr=0.05, momentum=0.9, seed=99, backend=backend)
+    opt_c = sharpness.SSAMD(
+        c.parameters(), torch.optim.SGD, sparsity=0.7, rho=0.1, lr=0.05, momentum=0.9, seed=99, backend=backend
+    )
     c.load_state_dict(ckpt["model"])
     opt_c.load_state_dict(ckpt["opt"])
     train(opt_c, c, data[7:], 7)

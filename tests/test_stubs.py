@@ -38,7 +38,9 @@ def test_stub_signatures_match_the_module():
     for name, (positional, keyword_only) in functions.items():
         sig = inspect.signature(getattr(_core, name))
         kinds = inspect.Parameter
-        native_positional = [p.name for p in sig.parameters.values() if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+        native_positional = [
+            p.name for p in sig.parameters.values() if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+        ]
         native_keyword = [p.name for p in sig.parameters.values() if p.kind == kinds.KEYWORD_ONLY]
         assert native_positional == positional, name
         assert native_keyword == keyword_only, name

@@ -535,7 +535,9 @@ def test_kernels_compile_for_h100(tmp_path):
     assert "all kernels compile for sm_90" in result.stdout
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the Triton kernels were checked under TRITON_INTERPRET=1 only")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the Triton kernels were checked under TRITON_INTERPRET=1 only"
+)
 def test_gpu_checks():
     result = _without_interpreter()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

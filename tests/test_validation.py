@@ -37,17 +37,38 @@ def _np():
 # kind: "real" a number, "int" an integer, "pair" a pair of numbers (betas);
 # "none_ok" / "list_ok" suffixes mark the values that are valid there.
 TORCH = [
-    ("SAM", lambda **kw: sharpness.SAM(_tparams(), SGD, lr=0.1, **kw), {"rho": (0.05, -1.0, "real"), "eta": (0.01, -1.0, "real")}),
-    ("LookSAM", lambda **kw: sharpness.LookSAM(_tparams(), SGD, lr=0.1, **kw), {"k": (5, 0, "int"), "alpha": (0.7, -1.0, "real"), "rho": (0.05, math.nan, "real")}),
+    (
+        "SAM",
+        lambda **kw: sharpness.SAM(_tparams(), SGD, lr=0.1, **kw),
+        {"rho": (0.05, -1.0, "real"), "eta": (0.01, -1.0, "real")},
+    ),
+    (
+        "LookSAM",
+        lambda **kw: sharpness.LookSAM(_tparams(), SGD, lr=0.1, **kw),
+        {"k": (5, 0, "int"), "alpha": (0.7, -1.0, "real"), "rho": (0.05, math.nan, "real")},
+    ),
     ("EveryKSAM", lambda **kw: sharpness.EveryKSAM(_tparams(), SGD, lr=0.1, **kw), {"k": (5, 0, "int")}),
     ("MSharpnessSAM", lambda **kw: sharpness.MSharpnessSAM(_tparams(), SGD, lr=0.1, **kw), {"micro_batches": (2, 0, "int")}),
-    ("SAMPa", lambda **kw: sharpness.SAMPa(_tparams(), SGD, lr=0.1, **kw), {"lam": (0.2, 1.5, "real"), "rho": (0.1, -1.0, "real")}),
+    (
+        "SAMPa",
+        lambda **kw: sharpness.SAMPa(_tparams(), SGD, lr=0.1, **kw),
+        {"lam": (0.2, 1.5, "real"), "rho": (0.1, -1.0, "real")},
+    ),
     (
         "AESAM",
         lambda **kw: sharpness.AESAM(_tparams(), SGD, lr=0.1, **{"total_steps": 10, **kw}),
-        {"total_steps": (10, 0, "int"), "delta": (0.9, 1.0, "real"), "lambda1": (-1.0, math.inf, "real"), "lambda2": (1.0, math.nan, "real")},
+        {
+            "total_steps": (10, 0, "int"),
+            "delta": (0.9, 1.0, "real"),
+            "lambda1": (-1.0, math.inf, "real"),
+            "lambda2": (1.0, math.nan, "real"),
+        },
     ),
-    ("ESAM", lambda **kw: sharpness.ESAM(_tparams(), SGD, lr=0.1, **kw), {"beta": (0.6, 0.0, "real"), "gamma": (0.5, 1.5, "real")}),
+    (
+        "ESAM",
+        lambda **kw: sharpness.ESAM(_tparams(), SGD, lr=0.1, **kw),
+        {"beta": (0.6, 0.0, "real"), "gamma": (0.5, 1.5, "real")},
+    ),
     (
         "LETS",
         lambda **kw: sharpness.LETS(_tparams(), SGD, lr=0.1, **kw),
@@ -56,12 +77,22 @@ TORCH = [
     (
         "LightSAM",
         lambda **kw: sharpness.LightSAM(_tparams(), **kw),
-        {"lr": (0.1, -1.0, "real none_ok"), "eps": (1e-8, 0.0, "real"), "betas": ((0.9, 0.999), (1.0, 0.9), "pair"), "rho": (0.05, -1.0, "real")},
+        {
+            "lr": (0.1, -1.0, "real none_ok"),
+            "eps": (1e-8, 0.0, "real"),
+            "betas": ((0.9, 0.999), (1.0, 0.9), "pair"),
+            "rho": (0.05, -1.0, "real"),
+        },
     ),
     (
         "AdaSAM",
         lambda **kw: sharpness.AdaSAM(_tparams(), **kw),
-        {"lr": (1e-3, -1.0, "real"), "eps": (1e-8, 0.0, "real"), "betas": ((0.9, 0.999), (0.9, -0.1), "pair"), "rho": (0.05, -1.0, "real")},
+        {
+            "lr": (1e-3, -1.0, "real"),
+            "eps": (1e-8, 0.0, "real"),
+            "betas": ((0.9, 0.999), (0.9, -0.1), "pair"),
+            "rho": (0.05, -1.0, "real"),
+        },
     ),
     (
         "BayesianSAM",
@@ -88,18 +119,43 @@ TORCH = [
             "gamma": (0.1, math.inf, "real"),
         },
     ),
-    ("CRSAM", lambda **kw: sharpness.CRSAM(_tparams(), SGD, lr=0.1, **kw), {"rho": (0.1, -1.0, "real"), "gamma": (0.1, math.nan, "real"), "beta": (0.1, math.inf, "real")}),
+    (
+        "CRSAM",
+        lambda **kw: sharpness.CRSAM(_tparams(), SGD, lr=0.1, **kw),
+        {"rho": (0.1, -1.0, "real"), "gamma": (0.1, math.nan, "real"), "beta": (0.1, math.inf, "real")},
+    ),
     (
         "GSAM",
         lambda **kw: sharpness.GSAM(_tparams(), SGD, lr=0.1, **kw),
-        {"alpha": (0.1, -1.0, "real"), "rho_min": (0.01, -1.0, "real none_ok"), "lr_max": (0.1, -1.0, "real none_ok"), "lr_min": (0.0, -1.0, "real")},
+        {
+            "alpha": (0.1, -1.0, "real"),
+            "rho_min": (0.01, -1.0, "real none_ok"),
+            "lr_max": (0.1, -1.0, "real none_ok"),
+            "lr_min": (0.0, -1.0, "real"),
+        },
     ),
-    ("FriendlySAM", lambda **kw: sharpness.FriendlySAM(_tparams(), SGD, lr=0.1, **kw), {"sigma": (1.0, math.inf, "real"), "lmbda": (0.9, 1.5, "real")}),
+    (
+        "FriendlySAM",
+        lambda **kw: sharpness.FriendlySAM(_tparams(), SGD, lr=0.1, **kw),
+        {"sigma": (1.0, math.inf, "real"), "lmbda": (0.9, 1.5, "real")},
+    ),
     ("WSAM", lambda **kw: sharpness.WSAM(_tparams(), SGD, lr=0.1, **kw), {"gamma": (0.9, 1.0, "real")}),
-    ("RandomSAM", lambda **kw: sharpness.RandomSAM(_tparams(), SGD, lr=0.1, **kw), {"sigma": (1.5e-3, -1.0, "real"), "lambda_": (2.0, 0.0, "real")}),
-    ("MongeSAM", lambda **kw: sharpness.MongeSAM(_tparams(), SGD, lr=0.1, **kw), {"rho": (0.05, -1.0, "real"), "eta": (0.01, math.nan, "real")}),
+    (
+        "RandomSAM",
+        lambda **kw: sharpness.RandomSAM(_tparams(), SGD, lr=0.1, **kw),
+        {"sigma": (1.5e-3, -1.0, "real"), "lambda_": (2.0, 0.0, "real")},
+    ),
+    (
+        "MongeSAM",
+        lambda **kw: sharpness.MongeSAM(_tparams(), SGD, lr=0.1, **kw),
+        {"rho": (0.05, -1.0, "real"), "eta": (0.01, math.nan, "real")},
+    ),
     ("SSAMF", lambda **kw: sharpness.SSAMF(_tparams(), SGD, lr=0.1, **kw), {"sparsity": (0.5, 1.0, "real")}),
-    ("SSAMD", lambda **kw: sharpness.SSAMD(_tparams(), SGD, lr=0.1, **kw), {"sparsity": (0.5, -0.1, "real"), "drop_rate": (0.5, 1.5, "real")}),
+    (
+        "SSAMD",
+        lambda **kw: sharpness.SSAMD(_tparams(), SGD, lr=0.1, **kw),
+        {"sparsity": (0.5, -0.1, "real"), "drop_rate": (0.5, 1.5, "real")},
+    ),
     (
         "SAF",
         lambda **kw: sharpness.SAF(**{"num_samples": 8, "num_classes": 3, **kw}),
@@ -116,7 +172,13 @@ TORCH = [
     (
         "MESA",
         lambda **kw: sharpness.MESA(torch.nn.Linear(3, 2), **kw),
-        {"decay": (0.9998, 1.5, "real"), "lam": (0.8, -1.0, "real"), "temperature": (5.0, 0.0, "real"), "start_epoch": (5, None, "int"), "end_epoch": (10, None, "int none_ok")},
+        {
+            "decay": (0.9998, 1.5, "real"),
+            "lam": (0.8, -1.0, "real"),
+            "temperature": (5.0, 0.0, "real"),
+            "start_epoch": (5, None, "int"),
+            "end_epoch": (10, None, "int none_ok"),
+        },
     ),
 ]
 
@@ -133,7 +195,11 @@ NUMPY = [
             "weight_decay": (0.0, -1.0, "real"),
         },
     ),
-    ("SAM-adam", lambda **kw: snp.SAM(_np(), base="adam", **kw), {"betas": ((0.9, 0.999), (0.9, 1.0), "pair"), "eps": (1e-8, -1.0, "real")}),
+    (
+        "SAM-adam",
+        lambda **kw: snp.SAM(_np(), base="adam", **kw),
+        {"betas": ((0.9, 0.999), (0.9, 1.0), "pair"), "eps": (1e-8, -1.0, "real")},
+    ),
     ("LookSAM", lambda **kw: snp.LookSAM(_np(), **kw), {"k": (5, 0, "int"), "alpha": (0.7, -1.0, "real")}),
     ("EveryKSAM", lambda **kw: snp.EveryKSAM(_np(), **kw), {"k": (5, 0, "int")}),
     ("MSharpnessSAM", lambda **kw: snp.MSharpnessSAM(_np(), **kw), {"micro_batches": (2, 0, "int")}),
@@ -141,17 +207,32 @@ NUMPY = [
     (
         "AESAM",
         lambda **kw: snp.AESAM(_np(), **{"total_steps": 10, **kw}),
-        {"total_steps": (10, 0, "int"), "delta": (0.9, 1.0, "real"), "lambda1": (-1.0, math.inf, "real"), "lambda2": (1.0, math.nan, "real")},
+        {
+            "total_steps": (10, 0, "int"),
+            "delta": (0.9, 1.0, "real"),
+            "lambda1": (-1.0, math.inf, "real"),
+            "lambda2": (1.0, math.nan, "real"),
+        },
     ),
     (
         "LightSAM",
         lambda **kw: snp.LightSAM(_np(), **kw),
-        {"lr": (0.1, -1.0, "real none_ok"), "rho": (0.05, -1.0, "real"), "eps": (1e-8, 0.0, "real"), "betas": ((0.9, 0.999), (1.0, 0.9), "pair")},
+        {
+            "lr": (0.1, -1.0, "real none_ok"),
+            "rho": (0.05, -1.0, "real"),
+            "eps": (1e-8, 0.0, "real"),
+            "betas": ((0.9, 0.999), (1.0, 0.9), "pair"),
+        },
     ),
     (
         "GSAM",
         lambda **kw: snp.GSAM(_np(), **kw),
-        {"alpha": (0.1, -1.0, "real"), "rho_min": (0.01, -1.0, "real none_ok"), "lr_max": (0.1, -1.0, "real none_ok"), "lr_min": (0.0, -1.0, "real")},
+        {
+            "alpha": (0.1, -1.0, "real"),
+            "rho_min": (0.01, -1.0, "real none_ok"),
+            "lr_max": (0.1, -1.0, "real none_ok"),
+            "lr_min": (0.0, -1.0, "real"),
+        },
     ),
     ("FriendlySAM", lambda **kw: snp.FriendlySAM(_np(), **kw), {"sigma": (1.0, math.inf, "real"), "lmbda": (0.9, 1.5, "real")}),
     ("WSAM", lambda **kw: snp.WSAM(_np(), **kw), {"gamma": (0.9, 1.0, "real")}),
@@ -159,7 +240,12 @@ NUMPY = [
     (
         "AdaSAM",
         lambda **kw: snp.AdaSAM(_np(), **kw),
-        {"lr": (1e-3, -1.0, "real"), "rho": (0.05, -1.0, "real"), "eps": (1e-8, 0.0, "real"), "betas": ((0.9, 0.999), (0.9, -0.1), "pair")},
+        {
+            "lr": (1e-3, -1.0, "real"),
+            "rho": (0.05, -1.0, "real"),
+            "eps": (1e-8, 0.0, "real"),
+            "betas": ((0.9, 0.999), (0.9, -0.1), "pair"),
+        },
     ),
     (
         "BayesianSAM",
@@ -188,11 +274,20 @@ NUMPY = [
             "gamma": (0.1, math.inf, "real"),
         },
     ),
-    ("CRSAM", lambda **kw: snp.CRSAM(_np(), **kw), {"rho": (0.1, -1.0, "real"), "gamma": (0.1, math.nan, "real"), "beta": (0.1, math.inf, "real")}),
+    (
+        "CRSAM",
+        lambda **kw: snp.CRSAM(_np(), **kw),
+        {"rho": (0.1, -1.0, "real"), "gamma": (0.1, math.nan, "real"), "beta": (0.1, math.inf, "real")},
+    ),
     (
         "LETS",
         lambda **kw: snp.LETS(_np(), **kw),
-        {"rho": (0.05, -1.0, "real list_ok"), "rho_lr": (1.0, -1.0, "real list_ok"), "rho_min": (1e-4, -1.0, "real"), "rho_max": (1.0, -1.0, "real")},
+        {
+            "rho": (0.05, -1.0, "real list_ok"),
+            "rho_lr": (1.0, -1.0, "real list_ok"),
+            "rho_min": (1e-4, -1.0, "real"),
+            "rho_max": (1.0, -1.0, "real"),
+        },
     ),
     ("RandomSAM", lambda **kw: snp.RandomSAM(_np(), **kw), {"sigma": (1.5e-3, -1.0, "real"), "lambda_": (2.0, 0.0, "real")}),
 ]
@@ -201,7 +296,15 @@ NUMPY = [
 def _wrong_types(good, kind, front):
     """The wrong-typed stand-ins for ``good``."""
     if kind.startswith("pair"):
-        return {"str": "0.9,0.999", "None": None, "scalar": 0.9, "triple": (0.9, 0.99, 0.999), "str-item": ("0.9", 0.999), "None-item": (0.9, None), "bool-item": (True, 0.999)}
+        return {
+            "str": "0.9,0.999",
+            "None": None,
+            "scalar": 0.9,
+            "triple": (0.9, 0.99, 0.999),
+            "str-item": ("0.9", 0.999),
+            "None-item": (0.9, None),
+            "bool-item": (True, 0.999),
+        }
     out = {"str": str(good), "None": None, "bool": True}
     if "list_ok" not in kind:
         out["list"] = [good]
@@ -244,7 +347,7 @@ def test_a_wrong_hyperparameter_is_refused_by_name(build, name, value, error):
 def test_the_good_values_of_the_table_are_accepted(table, front):
     """The table's good values (and the ones it marks valid) build: the refusals above are the
     checks', not a builder that fails whatever it is given."""
-    for label, build, params in table:
+    for _label, build, params in table:
         build(**{name: good for name, (good, _, _) in params.items()})
         for name, (good, _, kind) in params.items():
             if "none_ok" in kind:
@@ -325,7 +428,9 @@ def test_a_group_added_later_is_checked_too():
 
 def test_group_numbers_are_stored_as_floats():
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
-    opt = sharpness.SAM([{"params": a.parameters(), "sam_rho": np.float32(0.5)}, {"params": b.parameters(), "sam_eta": 1}], SGD, lr=0.1)
+    opt = sharpness.SAM(
+        [{"params": a.parameters(), "sam_rho": np.float32(0.5)}, {"params": b.parameters(), "sam_eta": 1}], SGD, lr=0.1
+    )
     assert [type(g["sam_rho"]) for g in opt.param_groups] == [float, float]
     assert type(opt.param_groups[1]["sam_eta"]) is float and opt.param_groups[0]["sam_rho"] == 0.5
 

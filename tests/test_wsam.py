@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
+from _family import BASES, assert_close, assert_equal, batches, flat_dot, grads_at, grads_at_offset, loss_of, make_model, run
 from torch import nn
 
 import sharpness
-from _family import BASES, assert_close, assert_equal, batches, flat_dot, grads_at, grads_at_offset, loss_of, make_model, run
 
 
 def reference_wsam(model, base, data, rho, gamma, decouple):
@@ -72,7 +72,14 @@ def test_gamma_half_coupled_is_sam_bit_for_bit(backend):
     data = batches(20)
     a, b = make_model(), make_model()
     run(sharpness.SAM(a.parameters(), torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9, backend=backend), a, data, "closure")
-    run(sharpness.WSAM(b.parameters(), torch.optim.SGD, gamma=0.5, decouple=False, rho=0.1, lr=0.05, momentum=0.9, backend=backend), b, data, "closure")
+    run(
+        sharpness.WSAM(
+            b.parameters(), torch.optim.SGD, gamma=0.5, decouple=False, rho=0.1, lr=0.05, momentum=0.9, backend=backend
+        ),
+        b,
+        data,
+        "closure",
+    )
     assert_equal(a, b)
 
 
@@ -97,7 +104,14 @@ def test_gamma_zero_is_the_base_optimizer(backend):
         base.zero_grad()
         loss_of(a, x, y).backward()
         base.step()
-    run(sharpness.WSAM(b.parameters(), torch.optim.SGD, gamma=0.0, rho=0.1, lr=0.05, momentum=0.9, weight_decay=1e-3, backend=backend), b, data, "two-call")
+    run(
+        sharpness.WSAM(
+            b.parameters(), torch.optim.SGD, gamma=0.0, rho=0.1, lr=0.05, momentum=0.9, weight_decay=1e-3, backend=backend
+        ),
+        b,
+        data,
+        "two-call",
+    )
     if backend == "torch":  # torch's own SGD step on g: bit for bit
         assert_equal(a, b)
     else:  # the fused SGD kernel is torch's SGD to float rounding (as for SAM with ρ = 0)

@@ -18,7 +18,6 @@ Exits 0 and prints SKIPPED without a CUDA device.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import sys
@@ -172,7 +171,10 @@ def sam_against_rust() -> None:
             want, _ = sam_steps("cpu", dtype, base, kw, "rust")
             # The forward/backward passes differ between CUDA and CPU: compare loosely.
             worst = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, want))
-            check(worst < (1e-4 if dtype == torch.float32 else 5e-2), f"SAM {base.__name__} {dtype} on CUDA ~ Rust on CPU ({worst:.2e})")
+            check(
+                worst < (1e-4 if dtype == torch.float32 else 5e-2),
+                f"SAM {base.__name__} {dtype} on CUDA ~ Rust on CPU ({worst:.2e})",
+            )
     model = mlp(torch.float32, DEV)
     opt = sharpness.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     check([e.name for e in opt.engines()] == ["triton"], 'backend="auto" picks Triton for CUDA tensors')

@@ -20,18 +20,87 @@
 - :func:`sharpness.param_groups`: groups without perturbation, adaptivity or decay for biases,
   normalisation layers and embeddings, and per-name settings.
 - :func:`sharpness.mup2_param_groups`: μP²'s layerwise radii and learning rates for SAM under μP.
+- :mod:`sharpness.measure`: sharpness measures of a trained model (m-sharpness, Hessian λ_max).
+
+``import sharpness`` needs numpy only: the torch front (every name above but :mod:`sharpness.numpy`)
+loads on first use, and says how to install PyTorch where it is missing (``pip install
+'sharpness[torch]'``).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from sharpness._core import __version__
-from sharpness.batchnorm import disable_running_stats, enable_running_stats, frozen_running_stats
-from sharpness.groups import param_groups
-from sharpness.mup2 import mup2_param_groups
-from sharpness.optim import SAM, EveryKSAM, LookSAM, MSharpnessSAM, SAMPa
-from sharpness.regularizers import MESA, SAF
-from sharpness.optim import AESAM, ESAM
-from sharpness.optim import LETS
-from sharpness.optim import AdaSAM, BayesianSAM, CRSAM, GAM, LightSAM
-from sharpness.optim import GSAM, FriendlySAM, MongeSAM, RandomSAM, SSAMD, SSAMF, WSAM
+
+# The torch front, loaded on first use (PEP 562): name -> the module that defines it.
+_TORCH_FRONT = {
+    **dict.fromkeys(["disable_running_stats", "enable_running_stats", "frozen_running_stats"], "sharpness.batchnorm"),
+    "param_groups": "sharpness.groups",
+    "mup2_param_groups": "sharpness.mup2",
+    "SAF": "sharpness.regularizers",
+    "MESA": "sharpness.regularizers",
+    **dict.fromkeys(
+        ["SAM", "EveryKSAM", "LookSAM", "MSharpnessSAM", "SAMPa", "AESAM", "ESAM", "LETS", "AdaSAM", "BayesianSAM",
+         "CRSAM", "GAM", "LightSAM", "GSAM", "FriendlySAM", "MongeSAM", "RandomSAM", "SSAMD", "SSAMF", "WSAM"],
+        "sharpness.optim",
+    ),
+}
+_TORCH_MODULES = ("measure",)  # submodules reachable as attributes after `import sharpness`
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_FRONT or name in _TORCH_MODULES:
+        target = _TORCH_FRONT.get(name, f"sharpness.{name}")
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as error:
+            if error.name != "torch" and not (error.name or "").startswith("torch."):
+                raise
+            raise ModuleNotFoundError(
+                f"sharpness.{name} is part of the torch front and needs PyTorch, which is not installed: "
+                "pip install 'sharpness[torch]' (the numpy front, sharpness.numpy, works without it)",
+                name="torch",
+            ) from error
+        value = module if name in _TORCH_MODULES else getattr(module, name)
+        globals()[name] = value  # once loaded, an ordinary attribute
+        return value
+    raise AttributeError(f"module 'sharpness' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_TORCH_MODULES))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the names as plain imports
+    from sharpness import measure as measure
+    from sharpness.batchnorm import disable_running_stats, enable_running_stats, frozen_running_stats
+    from sharpness.groups import param_groups
+    from sharpness.mup2 import mup2_param_groups
+    from sharpness.optim import (
+        AESAM,
+        CRSAM,
+        ESAM,
+        GAM,
+        GSAM,
+        LETS,
+        SAM,
+        SSAMD,
+        SSAMF,
+        WSAM,
+        AdaSAM,
+        BayesianSAM,
+        EveryKSAM,
+        FriendlySAM,
+        LightSAM,
+        LookSAM,
+        MongeSAM,
+        MSharpnessSAM,
+        RandomSAM,
+        SAMPa,
+    )
+    from sharpness.regularizers import MESA, SAF
 
 __all__ = [
     "SAM",

@@ -344,14 +344,16 @@ def make_optimizer(
     """``sgd``: ``torch.optim.SGD``; ``sam``: :class:`sharpness.SAM` around it with ``rho``;
     ``asam``: the same with ``adaptive=True``, ``asam_rho`` and ``asam_eta``; ``looksam`` and
     ``everyk``: :class:`sharpness.LookSAM` (``every_k``, α=0.7) and :class:`sharpness.EveryKSAM`
-    (``every_k``: the same number of second passes, the baseline at LookSAM's cost) with ``rho``; ``aesam``: :class:`sharpness.AESAM` (the paper's δ, λ₁, λ₂ over
-    ``total_steps``); ``esam``: :class:`sharpness.ESAM` (β=0.6, γ=0.5, the official defaults; ρ·β, so that its
-    perturbation, scaled by 1/β, has SAM's norm);
+    (``every_k``: the same number of second passes, the baseline at LookSAM's cost) with ``rho``;
+    ``aesam``: :class:`sharpness.AESAM` (the paper's δ, λ₁, λ₂ over ``total_steps``); ``esam``:
+    :class:`sharpness.ESAM` (β=0.6, γ=0.5, the official defaults; ρ·β, so that its perturbation,
+    scaled by 1/β, has SAM's norm);
     ``sampa``: :class:`sharpness.SAMPa` (λ=0.2); ``saf`` and ``mesa``: ``torch.optim.SGD``, their
     loss term comes from :func:`make_regularizer`; ``gsam`` (ρ from ``rho`` down to ``rho/10``
     with the learning rate, α=0.1), ``friendly`` (σ=1, λ=0.9), ``wsam`` (γ=0.9), ``rsam``
-    (the official code's σ=1.5e-3 relative to each filter's norm, λ=2), ``monge``, ``ssamd`` (sparsity 0.5, mask updated every epoch), ``gam``, ``crsam``
-    and ``lets`` (ρ learned on a held-out 10% of the training set) around the same SGD;
+    (the official code's σ=1.5e-3 relative to each filter's norm, λ=2), ``monge``, ``ssamd``
+    (sparsity 0.5, mask updated every epoch), ``gam``, ``crsam`` and ``lets`` (ρ learned on a
+    held-out 10% of the training set) around the same SGD;
     ``lightsam`` (AdaGrad-Norm form, η=0.1), ``adasam`` (lr 1e-3) and ``bsam`` (its defaults,
     ``num_data``): standalone optimizers with their own update. Same base settings; one ``rho``
     for SAM's relatives (ASAM has its own)."""

@@ -171,8 +171,12 @@ def mup2_param_groups(
         ...         torch.nn.Linear(width, 3, device=device))
         >>> model, base = mlp(256), mlp(64, device="meta")  # m = 4; μP init is up to you
         >>> groups = sharpness.mup2_param_groups(model, base, rho=0.05, lr=0.1)
-        >>> [(g["mup2_role"], len(g["params"]), g["sam_rho"], g["sam_norm_weight"], g["lr"]) for g in groups]
-        [('input', 3, 0.2, 2.0, 0.4), ('hidden', 1, 0.05, 1.0, 0.1), ('output', 1, 0.0125, 0.5, 0.025), ('width_independent', 1, 0.05, 1.0, 0.1)]
+        >>> for g in groups:
+        ...     print(g["mup2_role"], len(g["params"]), g["sam_rho"], g["sam_norm_weight"], g["lr"])
+        input 3 0.2 2.0 0.4
+        hidden 1 0.05 1.0 0.1
+        output 1 0.0125 0.5 0.025
+        width_independent 1 0.05 1.0 0.1
         >>> opt = sharpness.SAM(groups, torch.optim.SGD, momentum=0.9)
     """
     if not (rho >= 0.0 and math.isfinite(rho)):
@@ -199,9 +203,9 @@ def mup2_param_groups(
             "model and base_model must have the same parameter names (the same architecture at "
             f"another width); only in model: {only_mine[:5]}, only in base_model: {only_base[:5]}"
         )
-    owner = {}
+    owner: dict[str, tuple[Any, str]] = {}
     for module_name, module in model.named_modules():
-        for local, p in module.named_parameters(recurse=False):
+        for local, _p in module.named_parameters(recurse=False):
             owner.setdefault(f"{module_name}.{local}" if module_name else local, (module, local))
 
     groups: dict[tuple[str, float], dict[str, Any]] = {}

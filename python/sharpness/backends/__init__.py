@@ -21,11 +21,9 @@ CUDA tensors with Triton kernels over flat buffers, with the norm kept on the de
 itself is imported only when a Triton engine is built.
 """
 
+from sharpness.backends._common import NORM_EPS
 from sharpness.backends.rust import RustEngine
 from sharpness.backends.torch_foreach import TorchEngine
 from sharpness.backends.triton import TritonEngine
-
-
-from sharpness.backends._common import NORM_EPS
 
 __all__ = ["NORM_EPS", "RustEngine", "TorchEngine", "TritonEngine"]

@@ -319,7 +319,9 @@ class TorchEngine:
         indices = [i for i, p in enumerate(self.params) if p.requires_grad]
         with torch.no_grad():
             if indices:
-                torch._foreach_copy_([self._view(self._backup(i)) for i in indices], [self._view(self.params[i]) for i in indices])
+                torch._foreach_copy_(
+                    [self._view(self._backup(i)) for i in indices], [self._view(self.params[i]) for i in indices]
+                )
         self.perturbed = indices
 
     def weights_from_backup(self, direction: str, scales: dict[int, float], state: dict) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 import triton
@@ -43,7 +42,7 @@ BLOCK = 1024
 SUM_ITERS = 16
 _WARPS = 4
 
-Tensors = Union[Tensor, Sequence[Tensor]]
+Tensors = Tensor | Sequence[Tensor]
 
 
 def f64_bits(x: float) -> int:
@@ -615,7 +614,9 @@ def restore_adam(
         LERP_LOW=abs(one_minus_beta1) < 0.5,
     )  # fmt: skip
     if _is_list(weights):
-        plan = _plan([list(weights), backups, list(grads), list(exp_avgs), list(exp_avg_sqs), max_exp_avg_sqs if amsgrad else None])
+        plan = _plan(
+            [list(weights), backups, list(grads), list(exp_avgs), list(exp_avg_sqs), max_exp_avg_sqs if amsgrad else None]
+        )
         if plan.blocks and plan.n_tensors:
             _adam_multi[(plan.blocks,)](
                 *plan.bases, plan.shifts, plan.n_tensors, plan.table, *scalars, **flags, BLOCK=BLOCK, **_LAUNCH

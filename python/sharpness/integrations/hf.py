@@ -27,7 +27,7 @@ from typing import Any
 
 from sharpness.optim.sam import SAM, _RandomState
 
-__all__ = ["SAMTrainer"]
+__all__ = ["SAMTrainer"]  # noqa: F822 (built by the module's __getattr__ on first use)
 
 
 def _make_trainer_class() -> type:

@@ -5,17 +5,17 @@ arrays; see :class:`SAM`.
 """
 
 from sharpness.numpy.aesam import AESAM
-from sharpness.numpy.looksam import EveryKSAM, LookSAM
-from sharpness.numpy.lightsam import LightSAM
-from sharpness.numpy.msam import MSharpnessSAM
-from sharpness.numpy.sam import SAM
-from sharpness.numpy.sampa import SAMPa
-from sharpness.numpy.projected import GSAM, WSAM, FriendlySAM, MongeSAM
-from sharpness.numpy.standalone import AdaSAM, BayesianSAM
-from sharpness.numpy.ssam import SSAMD, SSAMF
 from sharpness.numpy.curvature import CRSAM, GAM
 from sharpness.numpy.lets import LETS
+from sharpness.numpy.lightsam import LightSAM
+from sharpness.numpy.looksam import EveryKSAM, LookSAM
+from sharpness.numpy.msam import MSharpnessSAM
+from sharpness.numpy.projected import GSAM, WSAM, FriendlySAM, MongeSAM
 from sharpness.numpy.rsam import RandomSAM
+from sharpness.numpy.sam import SAM
+from sharpness.numpy.sampa import SAMPa
+from sharpness.numpy.ssam import SSAMD, SSAMF
+from sharpness.numpy.standalone import AdaSAM, BayesianSAM
 
 __all__ = ["SAM", "AESAM", "EveryKSAM", "LookSAM", "SAMPa", "LightSAM", "MSharpnessSAM"]
 __all__ += ["GSAM", "FriendlySAM", "WSAM", "MongeSAM", "AdaSAM", "BayesianSAM"]

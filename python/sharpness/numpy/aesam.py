@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from sharpness import _core
+from sharpness.methods.aesam import VAR_INIT, check_aesam_args, threshold_coefficient
 from sharpness.numpy.sam import SAM
-from sharpness.optim.aesam import VAR_INIT, check_aesam_args, threshold_coefficient
 
 __all__ = ["AESAM"]
 

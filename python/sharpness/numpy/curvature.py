@@ -28,7 +28,7 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number
-from sharpness.numpy.sam import SAM, _EPS0, _real
+from sharpness.numpy.sam import _EPS0, SAM, _real
 
 __all__ = ["GAM", "CRSAM"]
 

@@ -195,12 +195,14 @@ class LookSAM(EveryKSAM):
         if extra is None:
             raise ValueError("state_dict lacks 'looksam' (it was not made by a LookSAM)")
         gv = extra["gv"]
-        if gv is not None:
-            if len(gv) != len(self.params) or any(
+        if gv is not None and (
+            len(gv) != len(self.params)
+            or any(
                 not isinstance(v, np.ndarray) or v.shape != p.shape or v.dtype != p.dtype
                 for v, p in zip(gv, self.params)
-            ):
-                raise ValueError("state_dict['looksam']['gv'] does not match the parameters")
+            )
+        ):
+            raise ValueError("state_dict['looksam']['gv'] does not match the parameters")
         super().load_state_dict(state_dict)
         self._gv = None if gv is None else [np.array(v, order="C", copy=True) for v in gv]
         self._gv_norm = float(extra["gv_norm"])

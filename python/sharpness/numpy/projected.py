@@ -570,9 +570,8 @@ class MongeSAM(_Variant):
     """
 
     def __init__(self, params: Sequence[np.ndarray], rho: float = 0.05, base: str = "sgd", **base_kwargs: Any) -> None:
-        if "adaptive" in base_kwargs:
-            if _flag("adaptive", base_kwargs.pop("adaptive")):
-                raise ValueError("MongeSAM has no adaptive (ASAM) form")
+        if "adaptive" in base_kwargs and _flag("adaptive", base_kwargs.pop("adaptive")):
+            raise ValueError("MongeSAM has no adaptive (ASAM) form")
         base_kwargs.pop("eta", None)
         super().__init__(params, rho=rho, base=base, **base_kwargs)
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number
-from sharpness.numpy.sam import SAM, _EPS0
+from sharpness.numpy.sam import _EPS0, SAM
 
 __all__ = ["SSAMF", "SSAMD"]
 
@@ -185,7 +185,9 @@ class _SparseSAM(SAM):
         if not isinstance(arrays, (list, tuple)) or len(arrays) != len(self.params) or any(
             not isinstance(a, np.ndarray) or a.shape != p.shape or a.dtype != p.dtype for a, p in zip(arrays, self.params)
         ):
-            raise ValueError(f"state_dict['ssam'][{name!r}] does not match the parameters (one array per parameter, its shape and dtype)")
+            raise ValueError(
+                f"state_dict['ssam'][{name!r}] does not match the parameters (one array per parameter, its shape and dtype)"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """:meth:`SAM.state_dict` plus ``"ssam"``: the sparsity and the mask (copies; ``None``

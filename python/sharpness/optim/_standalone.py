@@ -120,7 +120,8 @@ class StandaloneSAM(SAM):
             engine.save_weights()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(backend={self.backend!r}, defaults={ {k: v for k, v in self.defaults.items() if not k.startswith('sam_')} })"
+        defaults = {k: v for k, v in self.defaults.items() if not k.startswith("sam_")}
+        return f"{type(self).__name__}(backend={self.backend!r}, defaults={defaults})"
 
 
 def check_positive(name: str, value: float, allow_zero: bool = True) -> float:

@@ -22,27 +22,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sharpness._validation import number
+from sharpness.methods.aesam import VAR_INIT, check_aesam_args, threshold_coefficient
 from sharpness.optim.sam import SAM
 
-#: σ²_{−1}: a tiny positive variance, so the first threshold is finite and well defined.
-VAR_INIT = 1e-10
-
-
-def threshold_coefficient(t: int, total_steps: int, lambda1: float, lambda2: float) -> float:
-    """``c_t = (t/T)·λ₁ + (1 − t/T)·λ₂`` with ``t/T`` clipped to ``[0, 1]``."""
-    frac = min(max(t / total_steps, 0.0), 1.0)
-    return frac * lambda1 + (1.0 - frac) * lambda2
-
-
-def check_aesam_args(total_steps: Any, delta: Any, lambda1: Any, lambda2: Any) -> tuple[int, float, float, float]:
-    """The four checked and normalised (both fronts share this)."""
-    return (
-        number("total_steps", total_steps, minimum=1, integer=True),
-        number("delta", delta, minimum=0, below=1),
-        number("lambda1", lambda1),
-        number("lambda2", lambda2),
-    )
+__all__ = ["AESAM", "VAR_INIT", "check_aesam_args", "threshold_coefficient"]
 
 
 class AESAM(SAM):

@@ -140,7 +140,9 @@ class BayesianSAM(StandaloneSAM):
             p0 = real_view(engine.params[0])  # complex parameters: their real pairs, as everywhere
             n = sum(real_view(p).numel() for p in engine.params)
             noise = torch.randn(n, generator=self.generator, dtype=p0.dtype).to(p0.device)
-            for gi, (w, s, z) in engine.group_tensors(["weights", _S, noise], self.state, init=self._s_init(), every=True).items():
+            for gi, (w, s, z) in engine.group_tensors(
+                ["weights", _S, noise], self.state, init=self._s_init(), every=True
+            ).items():
                 std = torch._foreach_mul(s, self.param_groups[gi]["num_data"])
                 torch._foreach_sqrt_(std)
                 torch._foreach_addcdiv_(w, z, std)
@@ -200,7 +202,13 @@ class BayesianSAM(StandaloneSAM):
         coordinate: the tensor has the shape of ``torch.view_as_real(p)``."""
         out = []
         for group in self.param_groups:
-            out.append([(1.0 / (group["num_data"] * real_view(self.state[p][_S])).sqrt()) for p in group["params"] if _S in self.state[p]])
+            out.append(
+                [
+                    (1.0 / (group["num_data"] * real_view(self.state[p][_S])).sqrt())
+                    for p in group["params"]
+                    if _S in self.state[p]
+                ]
+            )
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sharpness.optim._closure_only import ClosureOnlySAM, run_closure_passes
 from sharpness._validation import number
-from sharpness.optim._standalone import check_positive
 from sharpness.backends._common import scale_of
+from sharpness.optim._closure_only import ClosureOnlySAM, run_closure_passes
+from sharpness.optim._standalone import check_positive
 
 _ACC = "crsam_acc"  # g₀, then (1+γ+β)g₊ − 2γ g₀
 
@@ -84,7 +84,15 @@ class CRSAM(ClosureOnlySAM):
         **base_kwargs: Any,
     ) -> None:
         self.gamma, self.beta = number("gamma", gamma), number("beta", beta)
-        super().__init__(params, base_optimizer, rho=check_positive("rho", rho), backend=backend, same_noise=same_noise, seed=seed, **base_kwargs)
+        super().__init__(
+            params,
+            base_optimizer,
+            rho=check_positive("rho", rho),
+            backend=backend,
+            same_noise=same_noise,
+            seed=seed,
+            **base_kwargs,
+        )
 
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> bool:  # type: ignore[override]
         return self._first_step_in_step_only(zero_grad, grad_scaler)

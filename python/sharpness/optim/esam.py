@@ -182,9 +182,9 @@ class ESAM(SAM):
     def select(self, loss_before: Tensor, loss_after: Tensor) -> Tensor:
         """The indices (ascending) of the ``⌊γ·B⌋`` samples (at least 1) whose loss rose most from
         ``w`` to ``w + e``: ``loss_after − loss_before``, both of shape ``[B]`` (ties go to the
-        earlier samples). All of them, in order, when ``γ = 1``. (The official code keeps those strictly above the ``k``-th largest
-        rise, one fewer; here exactly ``k``.) When the base optimizer maximizes (its groups have
-        ``maximize=True``), the objective is ``−L``: the samples whose loss fell most,
+        earlier samples). All of them, in order, when ``γ = 1``. (The official code keeps those
+        strictly above the ``k``-th largest rise, one fewer; here exactly ``k``.) When the base
+        optimizer maximizes (its groups have ``maximize=True``), the objective is ``−L``: the samples whose loss fell most,
         ``loss_before − loss_after``, are kept. Groups that mix ``maximize`` have no one
         objective to rank by: ``ValueError`` (when ``γ < 1``)."""
         if loss_before.dim() != 1 or loss_before.shape != loss_after.shape:

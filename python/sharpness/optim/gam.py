@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sharpness.optim._closure_only import ClosureOnlySAM, run_closure_passes
 from sharpness._validation import number
+from sharpness.optim._closure_only import ClosureOnlySAM, run_closure_passes
 from sharpness.optim._standalone import _EPS, check_positive
 
 _G0, _G1 = "gam_g0", "gam_g1"  # g₀ (then p) and g₁, in the optimizer state

@@ -21,7 +21,6 @@ clamped to ``[ρ_min, ρ_max]``: a learning rate above ``lr_max`` (a warm-up, On
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

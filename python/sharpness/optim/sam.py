@@ -25,12 +25,12 @@ from torch import Tensor
 from torch.autograd.profiler import record_function
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from sharpness._validation import number
 from sharpness.backends.distributed import DTensorEngine, is_dtensor
 from sharpness.backends.rust import RustEngine
 from sharpness.backends.torch_foreach import TorchEngine, real_view
 from sharpness.backends.triton import TritonEngine, why_not as _triton_why_not
 from sharpness.buffers import LayoutChanged
-from sharpness._validation import number
 
 _BACKENDS = ("auto", "rust", "torch", "triton")
 _MEMORY_MODES = ("exact", "subtract")
@@ -271,7 +271,8 @@ class SAM(torch.optim.Optimizer):
                     and _triton_why_not(p) is None
                     and movable
                 )
-                kind = "dtensor" if is_dtensor(p) else "triton" if on_triton else "rust" if native else "torch"  # FSDP owns DTensors' storage
+                # FSDP owns DTensors' storage
+                kind = "dtensor" if is_dtensor(p) else "triton" if on_triton else "rust" if native else "torch"
                 key = (kind, p.device, p.dtype)
                 params, group_of = buckets.setdefault(key, ([], []))
                 params.append(p)
@@ -932,7 +933,10 @@ class SAM(torch.optim.Optimizer):
                 for i in engine.perturbed:
                     p = engine.params[i]
                     # a complex parameter as its real pairs, as every engine operation sees it
-                    yield (*(real_view(t) for t in (p.detach(), engine.backups[i], p.grad)), self.param_groups[engine.group_of[i]])
+                    yield (
+                        *(real_view(t) for t in (p.detach(), engine.backups[i], p.grad)),
+                        self.param_groups[engine.group_of[i]],
+                    )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradients. Gradients in flat buffers stay views of them (one memset);

@@ -243,7 +243,7 @@ class SAMPa(SAM):
             for engine in engines:  # grads ← λ·∇f(y_{t+1}) + (1 − λ)·∇f(x̃_t)
                 engine.axpby(_GY, "grads", self.lam, 1.0 - self.lam, self.state)
 
-    def _plain_step(self, engines: list, fused: bool = True) -> None:
+    def _plain_step(self, engines: list, fused: bool = True, synced: bool = False) -> None:
         # torch.optim.Adam initialises a parameter's state when the entry is empty: an entry that
         # holds only ∇f(y) would make it skip that (KeyError 'step'). Hide ours from the base
         # optimizer's own step while it runs (bookkeeping only: the tensors are not touched).
@@ -254,7 +254,7 @@ class SAMPa(SAM):
                 if entry is not None and _GY in entry and len(entry) == 1:
                     hidden[p] = entry.pop(_GY)
         try:
-            super()._plain_step(engines, fused)
+            super()._plain_step(engines, fused, synced)
         finally:
             for p, value in hidden.items():
                 self.state[p][_GY] = value

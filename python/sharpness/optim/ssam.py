@@ -81,7 +81,9 @@ class _SparseSAM(SAM):
         the first mask is set); for a complex parameter, the mask of its real pairs (the shape of
         ``torch.view_as_real(p)``)."""
         return [
-            real_view(self.vectors[p][_MASK]).detach().clone() if _MASK in self.vectors[p] else torch.ones_like(real_view(p.detach()))
+            real_view(self.vectors[p][_MASK]).detach().clone()
+            if _MASK in self.vectors[p]
+            else torch.ones_like(real_view(p.detach()))
             for p in self._masked_params()
         ]
 
@@ -108,7 +110,9 @@ class _SparseSAM(SAM):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        load_vectors(self.vectors, self.param_groups, state_dict.get("sam", {}).get("vectors", {n: {} for n in self._vector_names()}))
+        load_vectors(
+            self.vectors, self.param_groups, state_dict.get("sam", {}).get("vectors", {n: {} for n in self._vector_names()})
+        )
 
 
 def _top(scores: Tensor, k: int) -> Tensor:
