@@ -56,3 +56,10 @@ def test_the_torch_front_loads_on_first_use():
     assert set(sharpness.__all__) <= set(dir(sharpness))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         sharpness.nope  # noqa: B018
+
+
+def test_the_command_line_without_torch_says_what_to_install():
+    done = _run(BLOCK_TORCH + "\nimport runpy\nrunpy.run_module('sharpness', run_name='__main__')")
+    assert done.returncode == 1
+    assert "needs PyTorch: pip install 'sharpness[demo]'" in done.stderr
+    assert "Traceback" not in done.stderr

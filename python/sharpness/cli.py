@@ -22,7 +22,12 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from sharpness.demo import DEFAULT_MODELS, MODELS, OPTIMIZERS, QUICK, SCHEDULES, DemoConfig
+try:
+    from sharpness.demo import DEFAULT_MODELS, MODELS, OPTIMIZERS, QUICK, SCHEDULES, DemoConfig
+except ModuleNotFoundError as error:  # the numpy-only install: say what to install, no traceback
+    if error.name != "torch":
+        raise
+    raise SystemExit("sharpness's command line (the demo) needs PyTorch: pip install 'sharpness[demo]'") from error
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
 
