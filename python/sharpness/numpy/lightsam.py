@@ -22,7 +22,7 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number, pair
-from sharpness.numpy.sam import _check_params
+from sharpness.numpy.sam import _check_params, check_params_usable
 
 __all__ = ["LightSAM"]
 
@@ -101,6 +101,7 @@ class LightSAM:
         return self._perturbed
 
     def _grads(self, grads: Sequence[np.ndarray]) -> list[np.ndarray]:
+        check_params_usable(self.params)
         grads = list(grads)
         if len(grads) != len(self.params):
             raise ValueError(f"got {len(grads)} gradients for {len(self.params)} parameters")

@@ -29,7 +29,7 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number
-from sharpness.numpy.sam import SAM
+from sharpness.numpy.sam import SAM, check_params_usable
 
 __all__ = ["RandomSAM"]
 
@@ -184,6 +184,7 @@ class RandomSAM(SAM):
         """Saves the weights ``w`` and moves them to ``w + δ``, ``δ`` the filter-wise relative
         noise. Call it before the first gradient of a step. With ``σ = 0`` it does nothing (and
         draws nothing); with ``rho = 0`` it draws nothing and moves nothing."""
+        check_params_usable(self.params)
         if self._perturbed or self._noised:
             raise RuntimeError("add_noise() called between first_step() and second_step(), or twice; " + _HOW_TO_CALL)
         sigma = self._sigma

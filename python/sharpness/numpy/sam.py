@@ -137,6 +137,20 @@ def _check_params(params: Any) -> list[np.ndarray]:
     return params
 
 
+def check_params_usable(params: list[np.ndarray]) -> None:
+    """Before a call changes anything: every parameter is still a writable, C-contiguous, aligned
+    array of its dtype. numpy lets a caller clear ``writeable`` on an array the optimizer already
+    holds; found only by the kernels, that would stop a call part-way, some arrays moved and
+    others not. A flag check per array, so every call is all or nothing on this account."""
+    for i, p in enumerate(params):
+        flags = p.flags
+        if not (flags.writeable and flags.c_contiguous and flags.aligned):
+            raise ValueError(
+                f"params[{i}] is not a writable, C-contiguous array any more (its flags changed after the "
+                "optimizer was built); the optimizer updates it in place, so nothing was changed by this call"
+            )
+
+
 class _Group:
     """The arrays of one dtype, kept as aligned lists for one kernel call each."""
 
@@ -479,7 +493,9 @@ class SAM:
         return out[0], out[1]
 
     def _grads_by_group(self, grads: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
-        """Check ``grads`` against ``params`` and split them by dtype group."""
+        """Check ``grads`` against ``params`` (and that ``params`` are still usable) and split them
+        by dtype group."""
+        check_params_usable(self.params)
         if isinstance(grads, np.ndarray):
             raise TypeError(
                 "grads must be a list of numpy arrays (one per parameter), not one array"

@@ -24,7 +24,7 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number
-from sharpness.numpy.sam import SAM
+from sharpness.numpy.sam import SAM, check_params_usable
 
 __all__ = ["SAMPa"]
 
@@ -87,6 +87,7 @@ class SAMPa(SAM):
 
     def begin_step(self) -> None:
         """Saves ``x_t`` and moves the arrays to ``y_{t+1} = x_t − lr·∇f(y_t)``."""
+        check_params_usable(self.params)
         if self._phase is not None or self._perturbed:
             raise RuntimeError("begin_step called while a step is pending")
         for grp in self._groups:

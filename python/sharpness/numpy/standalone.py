@@ -26,7 +26,7 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number, pair
-from sharpness.numpy.sam import _check_params, _Group
+from sharpness.numpy.sam import _check_params, _Group, check_params_usable
 
 __all__ = ["AdaSAM", "BayesianSAM"]
 
@@ -155,7 +155,8 @@ class _Standalone:
 
     def _grads(self, grads: Sequence[np.ndarray]) -> list[np.ndarray]:
         """``grads`` checked against ``params`` (one C-contiguous array each, same shape and
-        dtype); numpy scalars stand for 0-d arrays."""
+        dtype; ``params`` still usable); numpy scalars stand for 0-d arrays."""
+        check_params_usable(self.params)
         if isinstance(grads, np.ndarray):
             raise TypeError("grads must be a list of numpy arrays (one per parameter), not one array")
         try:
@@ -442,6 +443,7 @@ class BayesianSAM(_Standalone):
     def begin_step(self) -> None:
         """Saves ``θ`` and moves the weights to a posterior sample ``θ + ε``,
         ``ε ~ N(0, 1/(N s))``; the first gradient is taken there."""
+        check_params_usable(self.params)
         if self._pending():
             raise RuntimeError(
                 "begin_step called again before the step completed: call first_step(grads) and "
