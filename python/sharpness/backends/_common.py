@@ -7,8 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-#: Added to the gradient norm before dividing, as in the reference implementation of SAM.
-NORM_EPS = 1e-12
+from sharpness.methods import NORM_EPS  # noqa: F401  (the engines' name for it)
 
 
 def scale_of(group: dict[str, Any], norm: float) -> float:

@@ -28,7 +28,8 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number
-from sharpness.numpy.sam import _EPS0, SAM, _real
+from sharpness.methods import NORM_EPS
+from sharpness.numpy.sam import SAM, _real
 
 __all__ = ["GAM", "CRSAM"]
 
@@ -237,7 +238,7 @@ class GAM(_MultiPassSAM):
         rho = self.hyperparams["rho"]
         p_buf, g1_buf, work = self._buffer("g0"), self._buffer("g1"), self._buffer("work")
         self._copy(p_buf, g0)  # g₀, later p
-        scale = rho / (norm + _EPS0)
+        scale = rho / (norm + NORM_EPS)
         for grp, g in zip(self._groups, g0):  # w₁ = w + ρ g₀/‖g₀‖ (saves w)
             _core.perturb(grp.params, g, grp.backups, scale)
 
@@ -248,14 +249,14 @@ class GAM(_MultiPassSAM):
             for g0_, d in zip(p_buf, work):  # d = g₁ − g₀
                 _core.axpby(g0_, d, -1.0, 1.0)
             d_norm = self._norm(work)
-            move = self.norm_rho / (d_norm + _EPS0) if math.isfinite(d_norm) else 0.0
+            move = self.norm_rho / (d_norm + NORM_EPS) if math.isfinite(d_norm) else 0.0
             for grp, d in zip(self._groups, work):  # w₂ = w + ρ' d/‖d‖, from the saved w
                 _core.restore(grp.params, grp.backups)
                 if rho != 0 and move != 0:
                     _core.axpby(d, grp.params, move, 1.0)
             g2 = self._grads_at(grad_fn)
             g2_norm = self._norm(g2)
-            inverse = 1.0 / (g2_norm + _EPS0) if math.isfinite(g2_norm) else 0.0
+            inverse = 1.0 / (g2_norm + NORM_EPS) if math.isfinite(g2_norm) else 0.0
             for grp, g, p in zip(self._groups, g2, p_buf):
                 _core.axpby(g, p, abs(self.beta2), 1.0)  # p = g₀ + |β₂| g₂
                 if rho != 0 and inverse != 0:
@@ -266,8 +267,8 @@ class GAM(_MultiPassSAM):
                 _core.axpby(g1_, u, self.beta1, self.beta3)
             u_norm, p_norm = self._norm(work), self._norm(p_buf)
             inner = sum(_core.dot(p, u) for p, u in zip(p_buf, work))
-            cosine = inner / (u_norm * p_norm + _EPS0)
-            keep = 1.0 + self.gamma * cosine * p_norm / (u_norm + _EPS0)
+            cosine = inner / (u_norm * p_norm + NORM_EPS)
+            keep = 1.0 + self.gamma * cosine * p_norm / (u_norm + NORM_EPS)
             for p, u in zip(p_buf, work):  # u ← (1 + γ c ‖p‖/‖u‖) u − γ p
                 _core.axpby(p, u, -self.gamma, keep)
             return work
@@ -341,7 +342,7 @@ class CRSAM(_MultiPassSAM):
         loss, g0, norm = self._start(grad_fn)
         if not math.isfinite(norm):
             return loss
-        scale = self.hyperparams["rho"] / (norm + _EPS0)
+        scale = self.hyperparams["rho"] / (norm + NORM_EPS)
         if self.hyperparams["maximize"]:
             scale = -scale
         acc, work = self._buffer("acc"), self._buffer("work")

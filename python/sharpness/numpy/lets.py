@@ -31,13 +31,13 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number
+from sharpness.methods import NORM_EPS
 from sharpness.numpy.sam import SAM, _real
 
 __all__ = ["LETS"]
 
 GradFn = Callable[[list[np.ndarray]], tuple[Any, Sequence[np.ndarray]]]
 
-_EPS0 = 1e-12  # added to the gradient norm, as in SAM
 _HESSIANS = ("diag", "identity")
 
 
@@ -307,7 +307,7 @@ class LETS(SAM):
                     t += eta
                     v *= t
                     v *= t
-            scale = self.rho[k] / (norm + _EPS0)
+            scale = self.rho[k] / (norm + NORM_EPS)
             if adaptive:
                 _core.perturb_adaptive(ws, gs, bs, scale, eta)
             else:
@@ -376,7 +376,7 @@ class LETS(SAM):
         lt, lv = float(train_loss), float(val_loss)
         self.lets_state["ready"] = False
         gap = lv - lt
-        inv_norm = 1.0 / (self.lets_state["norm"] + _EPS0)
+        inv_norm = 1.0 / (self.lets_state["norm"] + NORM_EPS)
         lr = self.hyperparams["lr"]
         self._check_rho()
         hypergrads: list[float | None] = []

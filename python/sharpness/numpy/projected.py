@@ -32,11 +32,11 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number
+from sharpness.methods import NORM_EPS
 from sharpness.numpy.sam import SAM, _flag, _real
 
 __all__ = ["GSAM", "FriendlySAM", "WSAM", "MongeSAM"]
 
-_EPS0 = 1e-12  # added to norms before dividing, as SAM does
 
 
 def _nonneg(name: str, value: Any) -> float:
@@ -94,7 +94,7 @@ class _Variant(SAM):
                 _core.restore(grp.backups, grp.params)
             self._nonfinite += 1
             return
-        scale = hp["rho"] / (norm + _EPS0)
+        scale = hp["rho"] / (norm + NORM_EPS)
         if hp["maximize"]:
             scale = -scale
         for grp, d in zip(self._groups, direction):

@@ -29,11 +29,11 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number
+from sharpness.methods import NORM_EPS
 from sharpness.numpy.sam import SAM, check_params_usable
 
 __all__ = ["RandomSAM"]
 
-_EPS0 = 1e-12  # added to ‖d‖ before dividing, as SAM does to ‖g‖
 
 GradFn = Callable[[list[np.ndarray]], tuple[Any, Sequence[np.ndarray]]]
 
@@ -259,7 +259,7 @@ class RandomSAM(SAM):
         if not math.isfinite(d_norm):
             self._nonfinite += 1
             return d_norm
-        scale = hp["rho"] / (d_norm + _EPS0)
+        scale = hp["rho"] / (d_norm + NORM_EPS)
         for grp, d in zip(self._groups, delta):
             _core.axpby(d, grp.params, scale, 1.0)  # w ← w + ρ d/(‖d‖ + ε)
         return d_norm

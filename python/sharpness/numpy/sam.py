@@ -28,10 +28,10 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import flag, number, pair
+from sharpness.methods import NORM_EPS
 
 __all__ = ["SAM"]
 
-_EPS0 = 1e-12
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _SGD_DEFAULTS: dict[str, Any] = {
@@ -304,7 +304,7 @@ class SAM:
                 _core.restore(grp.backups, grp.params)
             self._nonfinite += 1
         else:
-            scale = rho / (norm + _EPS0)
+            scale = rho / (norm + NORM_EPS)
             if hp["maximize"]:
                 scale = -scale
             for grp, g in zip(self._groups, by_group):

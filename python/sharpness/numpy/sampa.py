@@ -24,6 +24,7 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number
+from sharpness.methods import NORM_EPS
 from sharpness.numpy.sam import SAM, check_params_usable
 
 __all__ = ["SAMPa"]
@@ -113,7 +114,7 @@ class SAMPa(SAM):
         scale = 0.0
         if self._have_gy:
             if math.isfinite(self._gy_norm):
-                scale = self.hyperparams["rho"] / (self._gy_norm + 1e-12)
+                scale = self.hyperparams["rho"] / (self._gy_norm + NORM_EPS)
                 if self.hyperparams["maximize"]:
                     scale = -scale
             else:  # only from a state saved before non-finite ∇f(y) were refused

@@ -33,7 +33,8 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number
-from sharpness.numpy.sam import _EPS0, SAM
+from sharpness.methods import NORM_EPS
+from sharpness.numpy.sam import SAM
 
 __all__ = ["SSAMF", "SSAMD"]
 
@@ -150,7 +151,7 @@ class _SparseSAM(SAM):
                 _core.restore(grp.backups, grp.params)
             self._nonfinite += 1
         else:
-            scale = self.hyperparams["rho"] / (norm + _EPS0)
+            scale = self.hyperparams["rho"] / (norm + NORM_EPS)
             if self.hyperparams["maximize"]:
                 scale = -scale
             if self._mask is not None:

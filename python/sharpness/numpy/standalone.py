@@ -26,11 +26,11 @@ import numpy as np
 
 from sharpness import _core
 from sharpness._validation import number, pair
+from sharpness.methods import NORM_EPS
 from sharpness.numpy.sam import _check_params, _Group, check_params_usable
 
 __all__ = ["AdaSAM", "BayesianSAM"]
 
-_EPS0 = 1e-12  # added to norms before dividing, as SAM does
 
 GradFn = Callable[[list[np.ndarray]], tuple[Any, Sequence[np.ndarray]]]
 
@@ -285,7 +285,7 @@ class AdaSAM(_Standalone):
         s = self._grads(grads)
         norm = self._norm(s)
         if math.isfinite(norm):
-            scale = self.hyperparams["rho"] / (norm + _EPS0)
+            scale = self.hyperparams["rho"] / (norm + NORM_EPS)
             for grp, g in zip(self._groups, self._by_group(s)):
                 _core.perturb(grp.params, g, grp.backups, scale)
         else:

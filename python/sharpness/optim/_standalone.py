@@ -22,8 +22,6 @@ from torch import Tensor
 from sharpness._validation import number
 from sharpness.optim.sam import SAM, profiled
 
-_EPS = 1e-12  # added to norms before dividing, as SAM does
-
 
 class OwnUpdate(torch.optim.Optimizer):
     """The "base optimizer" of a method with its own update: groups and state only; its

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from sharpness._validation import number
+from sharpness.methods import NORM_EPS
 from sharpness.optim._closure_only import ClosureOnlySAM, run_closure_passes
-from sharpness.optim._standalone import _EPS, check_positive
+from sharpness.optim._standalone import check_positive
 
 _G0, _G1 = "gam_g0", "gam_g1"  # g₀ (then p) and g₁, in the optimizer state
 
@@ -134,7 +135,7 @@ class GAM(ClosureOnlySAM):
         for engine in engines:
             engine.copy("grads", _G1, self.state)
             engine.axpby(_G0, "grads", -1.0, 1.0, self.state)
-        scale = self.norm_rho / (self._norm(engines) + _EPS)
+        scale = self.norm_rho / (self._norm(engines) + NORM_EPS)
         for engine in engines:
             for gi, (w, b, d) in engine.group_tensors(["weights", "backup", "grads"], self.state).items():
                 if self.param_groups[gi]["sam_rho"] == 0:
@@ -147,7 +148,7 @@ class GAM(ClosureOnlySAM):
     def _move_along_g2(self) -> bool:
         """After g₂: ``p = g₀ + |β₂| g₂`` (kept where g₀ was), ``w ← w + ρ g₂/‖g₂‖``."""
         engines = self._begin()
-        scale = 1.0 / (self._norm(engines) + _EPS)
+        scale = 1.0 / (self._norm(engines) + NORM_EPS)
         for engine in engines:
             engine.axpby("grads", _G0, abs(self.beta2), 1.0, self.state)
             for gi, (w, g) in engine.group_tensors(["weights", "grads"], self.state).items():
@@ -163,9 +164,9 @@ class GAM(ClosureOnlySAM):
             engine.axpby(_G1, "grads", self.beta1, self.beta3, self.state)
         u_norm, p_norm = self._norm(engines), self._norm(engines, _G0)
         inner = sum(engine.dot(_G0, "grads", self.state) for engine in engines)
-        cosine = inner / (u_norm * p_norm + _EPS)
+        cosine = inner / (u_norm * p_norm + NORM_EPS)
         for engine in engines:
-            engine.axpby(_G0, "grads", -self.gamma, 1.0 + self.gamma * cosine * p_norm / (u_norm + _EPS), self.state)
+            engine.axpby(_G0, "grads", -self.gamma, 1.0 + self.gamma * cosine * p_norm / (u_norm + NORM_EPS), self.state)
 
     def _closure_step_body(self, closure: Callable[[], Tensor]) -> Tensor:
         if any(group.get("maximize") for group in self.param_groups):

@@ -31,6 +31,7 @@ from sharpness.backends.rust import RustEngine
 from sharpness.backends.torch_foreach import TorchEngine, real_view
 from sharpness.backends.triton import TritonEngine, why_not as _triton_why_not
 from sharpness.buffers import LayoutChanged
+from sharpness.methods import NORM_EPS
 
 _BACKENDS = ("auto", "rust", "torch", "triton")
 _MEMORY_MODES = ("exact", "subtract")
@@ -903,7 +904,7 @@ class SAM(torch.optim.Optimizer):
         intended_sq = realized_sq = error_sq = 0.0
         nonzero = lost = 0
         for weights, backup, grads, group in self._perturbed_tensors():
-            scale = group["sam_rho"] / (self.last_grad_norm + 1e-12) * (-1.0 if group.get("maximize") else 1.0)
+            scale = group["sam_rho"] / (self.last_grad_norm + NORM_EPS) * (-1.0 if group.get("maximize") else 1.0)
             w0 = backup.double()
             e = grads.double() * scale
             if group["sam_adaptive"]:
