@@ -33,6 +33,7 @@ import numpy as np
 from sharpness import _core
 from sharpness._validation import number
 from sharpness.methods import NORM_EPS
+from sharpness.methods.gsam import check_rho_ends, scheduled_rho
 from sharpness.numpy.sam import SAM, _flag, _real
 
 __all__ = ["GSAM", "FriendlySAM", "WSAM", "MongeSAM"]
@@ -41,13 +42,6 @@ __all__ = ["GSAM", "FriendlySAM", "WSAM", "MongeSAM"]
 
 def _nonneg(name: str, value: Any) -> float:
     return number(name, value, minimum=0)
-
-
-def _check_rho_ends(rho_min: float, rho_max: float) -> None:
-    if rho_min > rho_max:
-        raise ValueError(
-            f"rho_min ({rho_min}) must not exceed rho ({rho_max}): GSAM's ρ_t is clamped to [rho_min, rho]"
-        )
 
 
 def _same_arrays(name: str, arrays: Any, params: list[np.ndarray]) -> None:
@@ -205,23 +199,14 @@ class GSAM(_Variant):
         self.rho_min: float = self.rho_max if rho_min is None else rho_min
         self.lr_max: float = self.hyperparams["lr"] if lr_max is None else lr_max
         self.lr_min: float = lr_min
-        _check_rho_ends(self.rho_min, self.rho_max)
+        check_rho_ends(self.rho_min, self.rho_max)
         self._g: list[np.ndarray] | None = None  # g, from first_step to second_step
         self._scratch: list[np.ndarray] | None = None  # g_p − α g_⊥
         self._keep = False  # this step's first_step perturbed and kept g
 
     def rho_t(self) -> float:
         """``ρ_t`` at the current learning rate, clamped to ``[ρ_min, ρ_max]``."""
-        rho_max, rho_min, lr_max, lr_min = self.rho_max, self.rho_min, self.lr_max, self.lr_min
-        if rho_max == 0.0:
-            return 0.0
-        _check_rho_ends(rho_min, rho_max)  # the attributes may have been changed since
-        if rho_min == rho_max or lr_max == lr_min:
-            return rho_max
-        rho = rho_min + (rho_max - rho_min) * (self.hyperparams["lr"] - lr_min) / (lr_max - lr_min)
-        # An lr outside [lr_min, lr_max] (a warm-up, OneCycle's peak above the lr at
-        # construction) would carry ρ_t past the ends of the schedule.
-        return min(rho_max, max(rho_min, rho))
+        return scheduled_rho(self.hyperparams["lr"], self.lr_min, self.lr_max, self.rho_min, self.rho_max)
 
     def first_step(self, grads: Sequence[np.ndarray]) -> float:
         """As :meth:`SAM.first_step <sharpness.numpy.SAM.first_step>`, with ``rho`` set to
@@ -276,7 +261,7 @@ class GSAM(_Variant):
         if not isinstance(extra, dict) or {"rho_max", "rho_min", "lr_max", "lr_min"} - set(extra):
             raise ValueError("state_dict['gsam'] must be a dict with rho_max, rho_min, lr_max and lr_min")
         ends = {k: _nonneg(f"state_dict['gsam'][{k!r}]", extra[k]) for k in ("rho_max", "rho_min", "lr_max", "lr_min")}
-        _check_rho_ends(ends["rho_min"], ends["rho_max"])
+        check_rho_ends(ends["rho_min"], ends["rho_max"])
         super().load_state_dict(state_dict)
         self.rho_max, self.rho_min = ends["rho_max"], ends["rho_min"]
         self.lr_max, self.lr_min = ends["lr_max"], ends["lr_min"]

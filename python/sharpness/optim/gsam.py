@@ -26,18 +26,12 @@ from typing import Any
 import torch
 
 from sharpness._validation import number
+from sharpness.methods.gsam import check_rho_ends, scheduled_rho
 from sharpness.optim._state import new_vectors
 from sharpness.optim.sam import SAM
 
 _G = "gsam_g"  # g, kept from the first pass to the decomposition (not checkpointed)
 _KEYS = ("gsam_rho_max", "gsam_rho_min", "gsam_lr_max", "gsam_lr_min")
-
-
-def _check_rho_ends(rho_min: float, rho_max: float) -> None:
-    if rho_min > rho_max:
-        raise ValueError(
-            f"rho_min ({rho_min}) must not exceed rho ({rho_max}): GSAM's ρ_t is clamped to [rho_min, rho]"
-        )
 
 
 def _finite(name: str, value: Any, minimum: float = 0.0) -> float:
@@ -118,7 +112,7 @@ class GSAM(SAM):
         self._lr_min = _finite("lr_min", lr_min)
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
         if self._rho_min is not None:
-            _check_rho_ends(self._rho_min, float(self.defaults["sam_rho"]))
+            check_rho_ends(self._rho_min, float(self.defaults["sam_rho"]))
         for group in self.param_groups:
             self._schedule_defaults(group)
         self._schedule_ready = True
@@ -132,7 +126,7 @@ class GSAM(SAM):
         for key in _KEYS:  # a group may set its own
             group[key] = _finite(key, group[key])
         if group["gsam_rho_max"] != 0.0:  # (a group with ρ_max = 0 is never perturbed)
-            _check_rho_ends(group["gsam_rho_min"], group["gsam_rho_max"])
+            check_rho_ends(group["gsam_rho_min"], group["gsam_rho_max"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -141,17 +135,13 @@ class GSAM(SAM):
 
     def rho_t(self, group: dict[str, Any]) -> float:
         """``ρ_t`` for ``group`` at its current learning rate, clamped to ``[ρ_min, ρ_max]``."""
-        rho_max, rho_min = float(group["gsam_rho_max"]), float(group["gsam_rho_min"])
-        lr_max, lr_min = float(group["gsam_lr_max"]), float(group["gsam_lr_min"])
-        if rho_max == 0.0:
-            return 0.0
-        _check_rho_ends(rho_min, rho_max)  # the group keys may have been changed since
-        if rho_min == rho_max or lr_max == lr_min:
-            return rho_max
-        rho = rho_min + (rho_max - rho_min) * (float(group["lr"]) - lr_min) / (lr_max - lr_min)
-        # An lr outside [lr_min, lr_max] (a warm-up, OneCycle's peak above the lr at
-        # construction) would carry ρ_t past the ends of the schedule.
-        return min(rho_max, max(rho_min, rho))
+        return scheduled_rho(
+            float(group["lr"]),
+            float(group["gsam_lr_min"]),
+            float(group["gsam_lr_max"]),
+            float(group["gsam_rho_min"]),
+            float(group["gsam_rho_max"]),
+        )
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> bool:

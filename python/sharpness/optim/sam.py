@@ -25,12 +25,12 @@ from torch import Tensor
 from torch.autograd.profiler import record_function
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from sharpness._validation import number
+from sharpness._validation import flag, number
 from sharpness.backends.distributed import DTensorEngine, is_dtensor
 from sharpness.backends.rust import RustEngine
 from sharpness.backends.torch_foreach import TorchEngine, real_view
 from sharpness.backends.triton import TritonEngine, why_not as _triton_why_not
-from sharpness.buffers import LayoutChanged
+from sharpness.buffers import LayoutChanged, keep_in_place
 from sharpness.methods import NORM_EPS
 
 _BACKENDS = ("auto", "rust", "torch", "triton")
@@ -160,9 +160,7 @@ class SAM(torch.optim.Optimizer):
         if memory not in _MEMORY_MODES:
             raise ValueError(f"memory must be one of {_MEMORY_MODES}, got {memory!r}")
         self.memory = memory
-        if not isinstance(fused_step, bool):
-            raise TypeError(f"fused_step must be True or False, got {fused_step!r}")
-        self.fused_step = fused_step
+        self.fused_step = flag("fused_step", fused_step)
         defaults = dict(sam_rho=rho, sam_adaptive=bool(adaptive), sam_eta=eta, sam_norm_weight=1.0)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -247,8 +245,6 @@ class SAM(torch.optim.Optimizer):
         of a bigger tensor, tied to another through ``.data``, in shared memory, not dense:
         :func:`~sharpness.buffers.keep_in_place`, checked once here) goes to the in-place torch
         engine instead."""
-        from sharpness.buffers import keep_in_place
-
         if self._engines is not None:
             for engine in self._engines:
                 engine.release()
