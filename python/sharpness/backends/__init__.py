@@ -19,11 +19,26 @@ flat buffers; :class:`~sharpness.backends.torch_foreach.TorchEngine` serves any 
 CUDA tensors with Triton kernels over flat buffers, with the norm kept on the device (its
 ``sum_of_squares`` returns a 0-d device tensor and ``perturb`` accepts one: no host sync). Triton
 itself is imported only when a Triton engine is built.
+
+:class:`~sharpness.backends.numpy_engine.NumpyEngine` serves numpy arrays (the numpy front) with
+the same kernels and no torch. The modules are imported on first use, so that the numpy engine
+never imports torch.
 """
 
-from sharpness.backends._common import NORM_EPS
-from sharpness.backends.rust import RustEngine
-from sharpness.backends.torch_foreach import TorchEngine
-from sharpness.backends.triton import TritonEngine
+from importlib import import_module
+from typing import Any
 
-__all__ = ["NORM_EPS", "RustEngine", "TorchEngine", "TritonEngine"]
+_HOMES = {
+    "NORM_EPS": "sharpness.methods",
+    "NumpyEngine": "sharpness.backends.numpy_engine",
+    "RustEngine": "sharpness.backends.rust",
+    "TorchEngine": "sharpness.backends.torch_foreach",
+    "TritonEngine": "sharpness.backends.triton",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'sharpness.backends' has no attribute {name!r}")

@@ -29,6 +29,7 @@ from sharpness._validation import number
 from sharpness.backends._common import NORM_EPS
 from sharpness.backends.distributed import DTensorEngine
 from sharpness.backends.torch_foreach import real_view
+from sharpness.methods.base import Phase
 from sharpness.optim.sam import SAM
 
 _HOW_TO_CALL = (
@@ -244,9 +245,12 @@ class RandomSAM(SAM):
                 self._noise = None  # δ is no longer needed: free it
         if noised and self._pending == "skipped":
             self._restore_engines()  # a non-finite ‖g_δ‖: back to w, no perturbation
-        if self._direction_skipped:
-            self._pending = "skipped"  # a non-finite ‖d‖ (the weights are already back at w)
         return due
+
+    def _perturb_or_skip(self, engines: list, norm: float) -> Phase:
+        phase = super()._perturb_or_skip(engines, norm)
+        # a non-finite ‖d‖: the weights are already back at w
+        return Phase.SKIPPED if self._direction_skipped else phase
 
     def _restore_engines(self) -> None:
         for engine in self.engines():

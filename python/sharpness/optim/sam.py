@@ -32,6 +32,7 @@ from sharpness.backends.torch_foreach import TorchEngine, real_view
 from sharpness.backends.triton import TritonEngine, why_not as _triton_why_not
 from sharpness.buffers import LayoutChanged, keep_in_place
 from sharpness.methods import NORM_EPS
+from sharpness.methods.base import Method, Phase, restored_on_failure
 
 _BACKENDS = ("auto", "rust", "torch", "triton")
 _MEMORY_MODES = ("exact", "subtract")
@@ -60,7 +61,7 @@ _AMP_HOW_TO_CALL = (
 )
 
 
-class SAM(torch.optim.Optimizer):
+class SAM(Method, torch.optim.Optimizer):
     r"""Sharpness-Aware Minimization around any ``torch.optim`` base optimizer.
 
     Algorithm (Foret et al., ICLR 2021, arXiv:2010.01412; ASAM: Kwon et al., ICML 2021,
@@ -341,42 +342,6 @@ class SAM(torch.optim.Optimizer):
 
     # -- the two halves of a SAM step ---------------------------------------------------------
 
-    # -- what a SAM variant overrides ------------------------------------------------------------
-
-    def _second_pass_due(self, grad_norm: float) -> bool:
-        """Whether this step perturbs and takes a second gradient (SAM: always). Variants that
-        skip the second pass on some steps decide here, from the step count or the norm."""
-        return True
-
-    def _second_pass_due_by_count(self) -> bool | None:
-        """The same decision when it does not need the norm (every-k, LookSAM: the step count),
-        or None. A one-pass step decided here skips the norm's memory pass."""
-        return None
-
-    def _before_perturbation(self, engines: list[RustEngine | TorchEngine]) -> None:
-        """Runs with the first gradient ``g`` in ``p.grad``, just before ``w ← w + e``."""
-
-    def _before_base_step(self, engines: list[RustEngine | TorchEngine]) -> None:
-        """Runs with the second gradient ``g̃`` in ``p.grad``, before the base step (the engines'
-        :meth:`begin` has just taken in any gradient assigned since :meth:`first_step`)."""
-
-    def _one_pass_gradient(self, engines: list[RustEngine | TorchEngine], grad_norm: float) -> None:
-        """On a step without a second pass, turns ``g`` in ``p.grad`` into the update direction
-        (``grad_norm`` is NaN when :meth:`_second_pass_due_by_count` decided without it)."""
-
-    def _perturb(self, engines: list[RustEngine | TorchEngine], norm: float) -> None:
-        """Moves the weights to ``w + e`` (saving what restoration needs), ``g`` in ``p.grad`` and
-        ``norm = ‖g‖`` finite. SAM: ``e = ρ g/(‖g‖ + ε)``. Variants with another perturbation
-        (Friendly SAM, Monge SAM, SSAM, RSAM) override it."""
-        for engine in engines:
-            engine.perturb(self.param_groups, norm)
-
-    def _after_base_step(self, engines: list[RustEngine | TorchEngine]) -> None:
-        """Runs after the base step of a perturbed step, before the step hooks (WSAM's decoupled
-        sharpness term)."""
-
-    # -- the two halves of a SAM step ---------------------------------------------------------
-
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> bool:
         """Moves the weights to ``w + e`` using the gradients now in ``p.grad``.
@@ -419,7 +384,7 @@ class SAM(torch.optim.Optimizer):
         with profiled("SAM.first_step"):
             engines = self._begin()
             by_count = self._second_pass_due_by_count()
-            if by_count is False and type(self)._one_pass_gradient is SAM._one_pass_gradient:
+            if by_count is False and not self.rewrites_one_pass_gradient:
                 scale = None  # the gradient is stepped on as it is: no need to unscale it here
             else:
                 scale = self._unscale_first_gradient(engines, grad_scaler)
@@ -429,7 +394,7 @@ class SAM(torch.optim.Optimizer):
                 return False
             sums = [engine.sum_of_squares(self.param_groups) for engine in engines]
             if self._norm_stays_on_device(engines, sums):
-                with self._restored_on_failure(engines):
+                with restored_on_failure(engines):
                     self._perturb_on_device(engines, sums)
                 if zero_grad:
                     self.zero_grad()
@@ -439,30 +404,13 @@ class SAM(torch.optim.Optimizer):
             if math.isfinite(norm) and not self._second_pass_due(norm):
                 self._one_pass_step(engines, norm, zero_grad, grad_scaler, scale)
                 return False
-            if math.isfinite(norm):
-                with self._restored_on_failure(engines):
-                    self._before_perturbation(engines)
-                    self._perturb(engines, norm)
-                self._pending = "perturbed"
-            else:
-                self.stats["nonfinite_skips"] += 1
-                self._pending = "skipped"
+            self._pending = self._perturb_or_skip(engines, norm)
             if zero_grad:
                 self.zero_grad()
         return True
 
-    @staticmethod
-    @contextmanager
-    def _restored_on_failure(engines: list[RustEngine | TorchEngine]) -> Iterator[None]:
-        """Undoes whatever the engines moved when the block raises (an exception part-way through
-        a perturbation, e.g. after the first of two engines moved its weights): the weights are
-        ``w`` again, bit for bit, before the exception goes on."""
-        try:
-            yield
-        except BaseException:
-            for engine in engines:
-                engine.restore()
-            raise
+    # Undoes what the engines moved when a block raises (kept here for the standalone methods).
+    _restored_on_failure = staticmethod(restored_on_failure)
 
     def _one_pass_step(self, engines: list, grad_norm: float, zero_grad: bool, grad_scaler: Any, scale: Tensor | None) -> None:
         """A step without a second pass: taken now, or, with a GradScaler, left for
@@ -476,7 +424,7 @@ class SAM(torch.optim.Optimizer):
             return
         if scale is not None:
             self._multiply_grads(engines, scale, begin=False)
-        self._pending = "one_pass"
+        self._pending = Phase.ONE_PASS
         self._deferred_zero_grad = zero_grad
 
     # -- loss scaling (torch.amp.GradScaler) ------------------------------------------------------
@@ -524,9 +472,8 @@ class SAM(torch.optim.Optimizer):
         host value."""
         return (
             len({s.device for s in sums if isinstance(s, Tensor)}) == 1
-            and (type(self)._second_pass_due is SAM._second_pass_due or self._second_pass_due_by_count() is True)
-            and type(self)._before_perturbation is SAM._before_perturbation
-            and type(self)._perturb is SAM._perturb
+            and (not self.decides_on_norm or self._second_pass_due_by_count() is True)
+            and self.perturbs_like_sam
             and all(getattr(e, "takes_device_norm", False) or (isinstance(e, TorchEngine) and not e.by_group) for e in engines)
         )
 
@@ -550,7 +497,7 @@ class SAM(torch.optim.Optimizer):
             counter.add_(skipped)
         for engine in engines:
             engine.perturb(self.param_groups, norm)
-        self._pending = "perturbed"
+        self._pending = Phase.PERTURBED
 
     def sync_stats(self) -> Counter:
         """Folds the counts kept on the device (non-finite norms met by the Triton path) into
@@ -732,17 +679,6 @@ class SAM(torch.optim.Optimizer):
     # and calls `opt.step()`. SAM then restores the weights whatever happens, so a skipped step
     # never leaves them perturbed.
     _step_supports_amp_scaling = True
-    #: Why a method cannot run under a GradScaler at all ("" where it can): GAM, CR-SAM and
-    #: m-sharpness take their gradients through ``step(closure)``, which a GradScaler cannot run.
-    grad_scaler_unsupported: str = ""
-    #: Why the method needs the true first gradient ("" for SAM/ASAM, whose ``e`` does not depend
-    #: on the loss scale): under a GradScaler its :meth:`first_step` must be given
-    #: ``grad_scaler=scaler``, or ``scaler.step(opt)`` refuses the step (after restoring ``w``).
-    needs_unscaled_first_gradient: str = ""
-    #: Whether the method's norms are SAM's (the engines' ``sum_of_squares``), which weigh each
-    #: group by ``sam_norm_weight``; variants with norms of their own refuse weights other than 1.
-    norm_weights_supported: bool = True
-
     def _under_grad_scaler(self) -> bool:
         """Whether ``GradScaler.step()`` is calling :meth:`step` (it sets ``found_inf``). A method
         that cannot run under a scaler, or a step whose first gradient the rule needed unscaled but
