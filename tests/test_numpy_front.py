@@ -155,7 +155,8 @@ def run_pair(dtypes, base, kw, rho, adaptive, steps=20, seed=0, check_each_step=
     ref = RefSAM(w0, rho=rho, adaptive=adaptive, eta=0.01, base=base, **kw)
     f64 = [np.float64] * len(dtypes)
     for _ in range(steps):
-        n = opt.first_step(grads_at(params, dtypes))
+        assert opt.first_step(grads_at(params, dtypes)) is True  # a second pass follows
+        n = opt.last_grad_norm
         n_ref = ref.first_step(grads_at(ref.w, f64))
         assert n == pytest.approx(n_ref, rel=1e-5)
         opt.second_step(grads_at(params, dtypes))
@@ -285,8 +286,8 @@ def test_nonfinite_gradient_skips_the_perturbation(base, kw, adaptive, bad):
             g_bad = grads_at(a, dtypes)
             g_bad[3].flat[0] = bad
             before = [p.copy() for p in a]
-            norm = opt_a.first_step(g_bad)
-            assert not math.isfinite(norm)
+            assert opt_a.first_step(g_bad) is True  # second_step takes the plain base step
+            assert not math.isfinite(opt_a.last_grad_norm)
             for p, q in zip(a, before):  # weights untouched by the perturbation
                 assert p.tobytes() == q.tobytes()
             opt_b.first_step([np.zeros_like(p) for p in b])
@@ -301,8 +302,8 @@ def test_nonfinite_gradient_skips_the_perturbation(base, kw, adaptive, bad):
         for p, q in zip(a, b):  # bit for bit
             assert p.tobytes() == q.tobytes()
     sd = opt_a.state_dict()
-    assert sd["nonfinite_steps"] == 2 and opt_b.state_dict()["nonfinite_steps"] == 0
-    assert sd["step"] == 6
+    assert sd["sam"]["stats"]["nonfinite_skips"] == 2 and "nonfinite_skips" not in opt_b.state_dict()["sam"]["stats"]
+    assert sd["sam"]["state"]["step"] == 6
     assert all(np.all(np.isfinite(p)) for p in a)
 
 
@@ -373,7 +374,7 @@ def test_step_restores_weights_when_second_call_fails():
 
 def _plain(obj):
     if isinstance(obj, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in obj.items())
+        return all(isinstance(k, (str, int)) and _plain(v) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
         return all(_plain(v) for v in obj)
     return obj is None or type(obj) in (bool, int, float, str) or type(obj) is np.ndarray
@@ -398,30 +399,34 @@ def test_state_dict_round_trip_continues_bit_for_bit(base, kw, adaptive):
     for _ in range(8):
         opt.step(fn)
     # later steps did not change the saved dict
-    assert sd["step"] == snapshot["step"] == 7
-    for s, t in zip(sd["state"], snapshot["state"]):
+    assert sd["sam"]["state"]["step"] == snapshot["sam"]["state"]["step"] == 7
+    assert sorted(sd["state"]) == list(range(len(params)))  # torch's layout: per parameter index
+    for i, s in sd["state"].items():
+        t = snapshot["state"][i]
         for k in s:
-            assert s[k] is None or s[k].tobytes() == t[k].tobytes()
-    for s, p in zip(sd["state"], params):
+            assert np.asarray(s[k]).tobytes() == np.asarray(t[k]).tobytes()
+    for i, s in sd["state"].items():
         for v in s.values():
-            assert v is None or (v.dtype == p.dtype and v.shape == p.shape)
+            assert not isinstance(v, np.ndarray) or (v.dtype == params[i].dtype and v.shape == params[i].shape)
 
     opt2 = SAM(resume, rho=123.0, adaptive=not adaptive, base=base, lr=0.5)  # overwritten
     opt2.load_state_dict(sd)
-    for s in sd["state"]:  # the loaded arrays are copies
+    for s in sd["state"].values():  # the loaded arrays are copies
         for v in s.values():
-            if v is not None:
+            if isinstance(v, np.ndarray):
                 v[...] = 1e30
     for _ in range(8):
         opt2.step(fn)
     for p, q in zip(params, resume):
         assert p.tobytes() == q.tobytes()
     a, b = opt.state_dict(), opt2.state_dict()
-    assert a["hyperparams"] == b["hyperparams"] and a["step"] == b["step"] == 15
-    for s, t in zip(a["state"], b["state"]):
+    assert a["param_groups"] == b["param_groups"] and a["sam"]["state"]["step"] == b["sam"]["state"]["step"] == 15
+    assert a["state"].keys() == b["state"].keys()
+    for i, s in a["state"].items():
+        t = b["state"][i]
         assert s.keys() == t.keys()
         for k in s:
-            assert (s[k] is None and t[k] is None) or s[k].tobytes() == t[k].tobytes()
+            assert np.asarray(s[k]).tobytes() == np.asarray(t[k]).tobytes()
 
 
 def test_state_dict_errors():
@@ -505,16 +510,35 @@ def test_invalid_hyperparams():
     with pytest.raises(TypeError, match="adaptive"):
         SAM(p, adaptive="yes")
     opt = SAM(p, base="adamw")
-    assert opt.hyperparams["weight_decay"] == 1e-2 and opt.lr == 1e-3
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 1e-2 and group["lr"] == 1e-3 and group["decoupled_weight_decay"] is True
+    # settings are per group and checked at every call: a bad one changes nothing
+    w0 = p[0].copy()
+    group["lr"] = -0.5
     with pytest.raises(ValueError, match="lr"):
-        opt.lr = -0.5
+        opt.step(lambda ps: (0.0, [np.ones(3)]))
+    assert p[0].tobytes() == w0.tobytes() and not opt.perturbed
+    group["lr"] = 1e-3
+    group["sam_rho"] = "0.1"
+    with pytest.raises(TypeError, match="sam_rho"):
+        opt.first_step([np.ones(3)])
+    group["sam_rho"] = 0.1
+    group["sam_rhoo"] = 0.1  # a misspelt setting
+    with pytest.raises(TypeError, match="sam_rhoo"):
+        opt.first_step([np.ones(3)])
+    del group["sam_rhoo"]
+    # an attribute that is not a setting is refused, not silently ignored
+    for name in ("rho", "lr", "momentum", "sam_rho"):
+        with pytest.raises(AttributeError, match="param_groups"):
+            setattr(opt, name, 0.1)
+    opt.step(lambda ps: (0.0, [np.ones(3)]))
 
 
 def test_invalid_grads_and_call_order():
     params = [np.zeros(3, np.float32), np.zeros((2, 2))]
     opt = SAM(params, base="sgd", lr=0.1)
     good = [np.ones(3, np.float32), np.ones((2, 2))]
-    with pytest.raises(RuntimeError, match="without first_step"):
+    with pytest.raises(RuntimeError, match="needs a first_step"):
         opt.second_step(good)
     with pytest.raises(ValueError, match="1 gradient arrays for 2 parameters"):
         opt.first_step(good[:1])

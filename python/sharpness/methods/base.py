@@ -55,14 +55,16 @@ class Method:
     """A SAM-family rule over the engine contract (:class:`~sharpness.methods.contract.Engine`).
 
     The front provides ``param_groups`` (dicts with SAM's keys ``sam_rho``, ``sam_adaptive``,
-    ``sam_eta``, ``sam_norm_weight`` and the base optimizer's), ``state`` (per-parameter dicts the
-    engines' vector operations read and write), ``sam_state`` (the method's scalars, saved in
+    ``sam_eta``, ``sam_norm_weight`` and the base optimizer's), ``state`` (the base optimizer's per-parameter dicts, which the
+    engines' vector operations can read and write), ``vectors`` (per-parameter dicts of the
+    method's own vectors, kept apart from the base optimizer's state), ``sam_state`` (the method's scalars, saved in
     ``state_dict()["sam"]["state"]``), ``stats`` and ``generator``. A method overrides the hooks;
     the capability flags below say what the fronts must do for it.
     """
 
     param_groups: list[dict[str, Any]]
     state: Any
+    vectors: Any
     sam_state: dict[str, Any]
     stats: Counter
     last_grad_norm: Any
@@ -70,6 +72,8 @@ class Method:
     #: Why the method needs the true first gradient ("" where ``e`` does not depend on the loss
     #: scale): under a GradScaler its ``first_step`` must be given ``grad_scaler=scaler``.
     needs_unscaled_first_gradient: ClassVar[str] = ""
+    #: The method's own keys in the parameter groups (filled in by :meth:`_setup_group`).
+    group_keys: ClassVar[tuple[str, ...]] = ()
     #: Why a method cannot run under a GradScaler at all ("" where it can).
     grad_scaler_unsupported: ClassVar[str] = ""
     #: Whether the method's norms are SAM's (the engines' ``sum_of_squares``, which weigh each
@@ -109,6 +113,19 @@ class Method:
         self.__dict__["_phase"] = new
 
     # -- what a method overrides -------------------------------------------------------------------
+
+    def _setup_group(self, group: dict[str, Any]) -> None:
+        """Fills in and checks the method's own keys of a parameter group (at construction, for an
+        added group, after loading a checkpoint; the numpy front also at every call). Must be
+        idempotent."""
+
+    def _start_step(self) -> None:
+        """Runs at the start of a step, before anything moves (GSAM sets ``ρ_t`` here)."""
+
+    def _checkpointed_vectors(self) -> tuple[str, ...]:
+        """The names in :attr:`vectors` that checkpoints keep (``state_dict()["sam"]["vectors"]``);
+        the others live within a step only."""
+        return ()
 
     def _second_pass_due(self, grad_norm: float) -> bool:
         """Whether this step perturbs and takes a second gradient (SAM: always). Methods that skip

@@ -51,9 +51,10 @@ class BaseOptimizer:
         self.state: dict[int, dict[str, Any]] = {}
         self.param_groups: list[dict[str, Any]] = []
 
-    def check_group(self, group: dict[str, Any]) -> None:
-        """Validates and normalises a group's settings in place (SAM's keys and the base's)."""
-        allowed = {"params", *SAM_KEYS, *self.defaults} | set(getattr(self, "method_keys", ()))
+    def check_group(self, group: dict[str, Any], method_keys: tuple[str, ...] = ()) -> None:
+        """Validates and normalises a group's settings in place (SAM's keys and the base's;
+        ``method_keys`` are the method's own, which it checks itself)."""
+        allowed = {"params", *SAM_KEYS, *self.defaults, *method_keys}
         unknown = sorted(set(group) - allowed)
         if unknown:
             raise TypeError(
@@ -100,9 +101,8 @@ def _check_array(i: int, p: Any) -> None:
 
 
 def _check_disjoint(params: list[np.ndarray]) -> None:
-    spans = sorted(
-        (p.__array_interface__["data"][0], p.__array_interface__["data"][0] + p.nbytes, i) for i, p in enumerate(params) if p.nbytes
-    )
+    starts = [p.__array_interface__["data"][0] for p in params]
+    spans = sorted((start, start + p.nbytes, i) for i, (start, p) in enumerate(zip(starts, params)) if p.nbytes)
     for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
         if start < end:
             raise ValueError(f"params[{min(i, j)}] and params[{max(i, j)}] share memory; each parameter must be its own array")
@@ -170,9 +170,6 @@ class SAM(Method):
         True
     """
 
-    #: Group keys a method adds (with their defaults), checked by the method's ``_check_group``.
-    method_defaults: dict[str, Any] = {}
-
     def __init__(
         self,
         params: Iterable[np.ndarray] | Iterable[dict[str, Any]],
@@ -184,7 +181,6 @@ class SAM(Method):
         **base_kwargs: Any,
     ) -> None:
         base_optimizer = BaseOptimizer(base)
-        base_optimizer.method_keys = tuple(self.method_defaults)  # type: ignore[attr-defined]
         unknown = sorted(set(base_kwargs) - set(base_optimizer.defaults))
         if unknown:
             raise TypeError(
@@ -198,14 +194,13 @@ class SAM(Method):
             "sam_adaptive": adaptive,
             "sam_eta": eta,
             "sam_norm_weight": 1.0,
-            **self.method_defaults,
         }
         groups = self._groups_of(params)
         for group in groups:
             for key, value in defaults.items():
                 group.setdefault(key, value)
-            base_optimizer.check_group(group)
-            self._check_group(group)
+            base_optimizer.check_group(group, self.group_keys)
+            self._setup_group(group)
         every = [p for group in groups for p in group["params"]]
         for i, p in enumerate(every):
             _check_array(i, p)
@@ -218,6 +213,7 @@ class SAM(Method):
         #: The parameters, in group order (the numbering of ``state`` and of checkpoints).
         self.params: list[np.ndarray] = every
         self.sam_state = {"step": 0}
+        self.vectors: dict[int, dict[str, np.ndarray]] = {}  # the method's own, per parameter index
         self.stats = Counter()
         self.generator = np.random.default_rng(seed)
         self.last_grad_norm = math.nan
@@ -248,9 +244,6 @@ class SAM(Method):
         if any(isinstance(item, dict) for item in items):
             raise TypeError("params mixes arrays and parameter groups")
         return [{"params": items}]
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        """A method's own group settings (none for SAM)."""
 
     def _build_engines(self) -> list[NumpyEngine]:
         by_dtype: dict[np.dtype, tuple[list[np.ndarray], list[int], list[int]]] = {}
@@ -283,8 +276,8 @@ class SAM(Method):
         to the engines. Nothing has changed when this raises."""
         check_params_usable(self.params)
         for group in self.param_groups:
-            self.base_optimizer.check_group(group)
-            self._check_group(group)
+            self.base_optimizer.check_group(group, self.group_keys)
+            self._setup_group(group)
         if isinstance(grads, np.ndarray):
             raise TypeError("grads must be a list of numpy arrays (one per parameter), not one array")
         try:
@@ -327,6 +320,7 @@ class SAM(Method):
                 "call second_step(grads) (or restore()) first"
             )
         engines = self._take(grads)
+        self._start_step()
         by_count = self._second_pass_due_by_count()
         if by_count is False:
             self.last_grad_norm = math.nan  # not computed: nothing needs it
@@ -420,8 +414,8 @@ class SAM(Method):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's layout: ``"state"`` (per parameter index; arrays copied), ``"param_groups"``
-        (settings, ``"params"`` as indices) and ``"sam"`` (``stats``, the generator's state, the
-        method's scalars). Refused between the two halves of a step."""
+        (settings, ``"params"`` as indices) and ``"sam"`` (``base``, ``stats``, the generator's
+        state, the method's scalars, and the vectors the method checkpoints). Refused between the two halves of a step."""
         if self._pending is not None:
             raise RuntimeError(
                 "state_dict() between first_step() and second_step(): the weights are perturbed "
@@ -430,17 +424,21 @@ class SAM(Method):
         groups, start = [], 0
         for group in self.param_groups:
             n = len(group["params"])
-            groups.append({**{k: copy.deepcopy(v) for k, v in group.items() if k != "params"}, "params": list(range(start, start + n))})
+            settings = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            groups.append({**settings, "params": list(range(start, start + n))})
             start += n
-        return {
-            "state": {i: copy.deepcopy(entry) for i, entry in self.state.items()},
-            "param_groups": groups,
-            "sam": {
-                "stats": dict(self.stats),
-                "generator": copy.deepcopy(self.generator.bit_generator.state),
-                "state": copy.deepcopy(self.sam_state),
-            },
+        sam = {
+            "base": self.base_optimizer.name,
+            "stats": dict(self.stats),
+            "generator": copy.deepcopy(self.generator.bit_generator.state),
+            "state": copy.deepcopy(self.sam_state),
         }
+        names = self._checkpointed_vectors()
+        if names:
+            sam["vectors"] = {
+                name: {i: entry[name].copy() for i, entry in self.vectors.items() if name in entry} for name in names
+            }
+        return {"state": {i: copy.deepcopy(entry) for i, entry in self.state.items()}, "param_groups": groups, "sam": sam}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a dict made by :meth:`state_dict` (arrays copied). Everything is checked first: a
@@ -452,16 +450,21 @@ class SAM(Method):
         missing = {"state", "param_groups", "sam"} - set(state_dict)
         if missing:
             raise ValueError(f"state_dict lacks {', '.join(sorted(missing))}")
+        saved_base = state_dict["sam"].get("base", self.base_optimizer.name)
+        if saved_base != self.base_optimizer.name:
+            raise ValueError(f"state_dict is for base={saved_base!r}, this optimizer has base={self.base_optimizer.name!r}")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
         ):
-            raise ValueError("state_dict's parameter groups do not match this optimizer's (number or sizes)")
+            raise ValueError(
+                "state_dict's parameter groups do not match this optimizer's parameters (number of groups or of parameters)"
+            )
         groups = []
         for saved, group in zip(saved_groups, self.param_groups):
             new = {**copy.deepcopy({k: v for k, v in saved.items() if k != "params"}), "params": group["params"]}
-            self.base_optimizer.check_group(new)
-            self._check_group(new)
+            self.base_optimizer.check_group(new, self.group_keys)
+            self._setup_group(new)
             groups.append(new)
         state: dict[int, dict[str, Any]] = {}
         for key, entry in state_dict["state"].items():
@@ -481,6 +484,13 @@ class SAM(Method):
                 loaded[name] = copy.deepcopy(value)
             state[i] = loaded
         sam = state_dict["sam"]
+        vectors: dict[int, dict[str, np.ndarray]] = {}
+        for name in self._checkpointed_vectors():
+            for key, value in sam.get("vectors", {}).get(name, {}).items():
+                i = int(key)
+                if not 0 <= i < len(self.params) or not isinstance(value, np.ndarray) or value.shape != self.params[i].shape:
+                    raise ValueError(f"state_dict['sam']['vectors'][{name!r}][{key!r}] does not match the parameters")
+                vectors.setdefault(i, {})[name] = np.array(value, dtype=self.params[i].dtype, order="C", copy=True)
         generator = np.random.default_rng()
         generator.bit_generator.state = sam["generator"]
         for group, new in zip(self.param_groups, groups):
@@ -492,6 +502,12 @@ class SAM(Method):
         self.stats.update(sam.get("stats", {}))
         self.generator.bit_generator.state = generator.bit_generator.state
         self.sam_state.update(copy.deepcopy(sam.get("state", {})))
+        names = self._checkpointed_vectors()
+        for entry in self.vectors.values():
+            for name in names:
+                entry.pop(name, None)
+        for i, entry in vectors.items():
+            self.vectors.setdefault(i, {}).update(entry)
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.param_groups[0].items() if k != "params")

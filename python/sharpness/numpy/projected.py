@@ -33,10 +33,9 @@ import numpy as np
 from sharpness import _core
 from sharpness._validation import number
 from sharpness.methods import NORM_EPS
-from sharpness.methods.gsam import check_rho_ends, scheduled_rho
 from sharpness.numpy.sam import SAM, _flag, _real
 
-__all__ = ["GSAM", "FriendlySAM", "WSAM", "MongeSAM"]
+__all__ = ["FriendlySAM", "WSAM", "MongeSAM"]
 
 
 
@@ -124,156 +123,6 @@ class _Variant(SAM):
 
 
 # ============================================================================== GSAM
-
-
-class GSAM(_Variant):
-    r"""GSAM (Zhuang, Gong, Yuan, Cui, Adam, Dvornek, Tatikonda, Duncan, Liu, "Surrogate Gap
-    Minimization Improves Sharpness-Aware Training", ICLR 2022, arXiv:2203.08065) over a list of
-    numpy arrays, updated in place.
-
-    Algorithm (the paper's Algorithm 1, as :class:`sharpness.GSAM`)::
-
-        ρ_t = ρ_min + (ρ_max − ρ_min)(lr_t − lr_min)/(lr_max − lr_min)   (ρ_max if lr_max = lr_min)
-        ρ_t ← min(ρ_max, max(ρ_min, ρ_t))               never outside the schedule's ends
-        g   = ∇L(w);  e = ρ_t g/(‖g‖ + 1e-12);  g_p = ∇L(w + e)
-        g_⊥ = g − (⟨g, g_p⟩/‖g_p‖²) g_p                  (c = 0 when g_p = 0)
-        w   ← base_step(w, g_p − α g_⊥)                  from the exact saved w
-
-    ``ρ_t`` is computed from ``hyperparams["lr"]`` at each :meth:`first_step` (so a schedule that
-    sets :attr:`lr` drives it) and written to ``hyperparams["rho"]``; the schedule's ends are the
-    attributes ``rho_max``, ``rho_min``, ``lr_max``, ``lr_min`` (saved in :meth:`state_dict`
-    under ``"gsam"``). The clamp keeps ``ρ_t`` at ``ρ_max`` while ``lr`` exceeds ``lr_max`` (a
-    warm-up, OneCycle's peak) and at ``ρ_min`` below ``lr_min``; ``ρ_min > ρ_max`` raises
-    ``ValueError``. ``α = 0`` with ``rho_min=None`` is :class:`~sharpness.numpy.SAM` bit for
-    bit. ``g`` is kept during the step in a buffer of the optimizer, and ``g_p − α g_⊥`` is
-    written to another (``(1 + αc) g_p − α g`` in one ``axpby`` pass). After a non-finite
-    ``‖g‖`` the step is the plain base step with ``g_p``, as for SAM.
-
-    Args:
-        params: as for :class:`~sharpness.numpy.SAM`.
-        rho: ``ρ_max``.
-        alpha: ``α``, the weight of the orthogonal component (0.1; the paper tunes 0.01–0.3).
-        rho_min: ``ρ_min`` (at most ``rho``); ``None`` keeps ``ρ = ρ_max`` (no schedule).
-        lr_max: the learning rate at and above which ``ρ_t = ρ_max`` (default: ``lr`` at
-            construction; with a warm-up, give the peak learning rate).
-        lr_min: the learning rate at and below which ``ρ_t = ρ_min`` (0).
-        adaptive, eta, base, **base_kwargs: as for :class:`~sharpness.numpy.SAM`.
-
-    Example:
-        >>> import numpy as np
-        >>> from sharpness.numpy import GSAM
-        >>> rng = np.random.default_rng(0)
-        >>> X, y = rng.normal(size=(32, 3)), rng.normal(size=32)
-        >>> w = np.zeros(3)
-        >>> def grad_fn(params):
-        ...     r = X @ params[0] - y
-        ...     return 0.5 * np.mean(r**2), [X.T @ r / len(y)]
-        >>> opt = GSAM([w], rho=0.1, rho_min=0.02, alpha=0.1, lr=0.1, momentum=0.9)
-        >>> for t in range(10):
-        ...     opt.lr = 0.1 * (1 - t / 10)      # a linear decay; rho follows it
-        ...     loss = opt.step(grad_fn)
-        >>> round(opt.hyperparams["rho"], 4)     # ρ_t at lr = 0.01
-        0.028
-    """
-
-    def __init__(
-        self,
-        params: Sequence[np.ndarray],
-        rho: float = 0.05,
-        alpha: float = 0.1,
-        rho_min: float | None = None,
-        lr_max: float | None = None,
-        lr_min: float = 0.0,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        base: str = "sgd",
-        **base_kwargs: Any,
-    ) -> None:
-        self.alpha = _nonneg("alpha", alpha)
-        rho_min = None if rho_min is None else _nonneg("rho_min", rho_min)
-        lr_max = None if lr_max is None else _nonneg("lr_max", lr_max)
-        lr_min = _nonneg("lr_min", lr_min)
-        super().__init__(params, rho=rho, adaptive=adaptive, eta=eta, base=base, **base_kwargs)
-        #: ``ρ_max``, ``ρ_min``, ``lr_max``, ``lr_min``: the ends of the ρ schedule.
-        self.rho_max: float = self.hyperparams["rho"]
-        self.rho_min: float = self.rho_max if rho_min is None else rho_min
-        self.lr_max: float = self.hyperparams["lr"] if lr_max is None else lr_max
-        self.lr_min: float = lr_min
-        check_rho_ends(self.rho_min, self.rho_max)
-        self._g: list[np.ndarray] | None = None  # g, from first_step to second_step
-        self._scratch: list[np.ndarray] | None = None  # g_p − α g_⊥
-        self._keep = False  # this step's first_step perturbed and kept g
-
-    def rho_t(self) -> float:
-        """``ρ_t`` at the current learning rate, clamped to ``[ρ_min, ρ_max]``."""
-        return scheduled_rho(self.hyperparams["lr"], self.lr_min, self.lr_max, self.rho_min, self.rho_max)
-
-    def first_step(self, grads: Sequence[np.ndarray]) -> float:
-        """As :meth:`SAM.first_step <sharpness.numpy.SAM.first_step>`, with ``rho`` set to
-        ``ρ_t`` first; keeps a copy of ``g``. Returns ``‖g‖`` (ASAM: ``‖T g‖``)."""
-        self._check_first()
-        self.hyperparams["rho"] = self.rho_t()
-        norm = super().first_step(grads)
-        self._keep = self.alpha != 0 and math.isfinite(norm)
-        if self._keep:
-            if self._g is None:
-                self._g = self._new_buffers()
-            for dst, g in zip(self._by_group(self._g), self._grads_by_group(grads)):
-                _core.restore(dst, g)
-        return norm
-
-    def second_step(self, grads: Sequence[np.ndarray]) -> None:
-        """Restores ``w`` and takes the base step with ``g_p − α g_⊥`` (``grads`` is ``g_p``)."""
-        self._check_second()
-        if not self._keep:
-            super().second_step(grads)
-            return
-        assert self._g is not None
-        gp = self._grads_by_group(grads)
-        g = self._by_group(self._g)
-        gp_gp = sum(_core.dot(a, a) for a in gp)
-        g_gp = sum(_core.dot(a, b) for a, b in zip(gp, g))
-        c = g_gp / gp_gp if gp_gp > 0 else 0.0
-        if self._scratch is None:
-            self._scratch = self._new_buffers()
-        direction = self._by_group(self._scratch)
-        for d, a, b in zip(direction, gp, g):  # (1 + αc) g_p − α g
-            _core.restore(d, a)
-            _core.axpby(b, d, -self.alpha, 1.0 + self.alpha * c)
-        self._keep = False
-        self._base_step(direction, from_backup=True)
-        self._perturbed = False
-
-    def _undo(self) -> None:
-        super()._undo()
-        self._keep = False
-
-    def state_dict(self) -> dict[str, Any]:
-        """:meth:`SAM.state_dict <sharpness.numpy.SAM.state_dict>` plus ``"gsam"``: the ends of
-        the ρ schedule (``hyperparams["rho"]`` holds the last ``ρ_t``)."""
-        sd = super().state_dict()
-        sd["gsam"] = {"rho_max": self.rho_max, "rho_min": self.rho_min, "lr_max": self.lr_max, "lr_min": self.lr_min}
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a dict made by :meth:`state_dict` (schedule included)."""
-        state_dict, extra = self._split_extra(state_dict, "gsam")
-        if not isinstance(extra, dict) or {"rho_max", "rho_min", "lr_max", "lr_min"} - set(extra):
-            raise ValueError("state_dict['gsam'] must be a dict with rho_max, rho_min, lr_max and lr_min")
-        ends = {k: _nonneg(f"state_dict['gsam'][{k!r}]", extra[k]) for k in ("rho_max", "rho_min", "lr_max", "lr_min")}
-        check_rho_ends(ends["rho_min"], ends["rho_max"])
-        super().load_state_dict(state_dict)
-        self.rho_max, self.rho_min = ends["rho_max"], ends["rho_min"]
-        self.lr_max, self.lr_min = ends["lr_max"], ends["lr_min"]
-
-    def __repr__(self) -> str:
-        return (
-            f"GSAM(alpha={self.alpha}, rho_max={self.rho_max}, rho_min={self.rho_min}, lr_max={self.lr_max}, "
-            f"lr_min={self.lr_min}, " + super().__repr__().split("(", 1)[1]
-        )
-
-
-# ============================================================================== Friendly SAM
 
 
 class FriendlySAM(_Variant):

@@ -1,25 +1,34 @@
-"""Torch optimizers of the SAM family (one module per method family)."""
+"""Torch optimizers of the SAM family: :class:`SAM` (the torch front) and, for every method of
+:mod:`sharpness.methods`, a class built here from the method's rule and :class:`SAM`. Methods not
+yet moved there keep a module of their own here (``_LEGACY``)."""
 
-from sharpness.optim.adasam import AdaSAM
-from sharpness.optim.aesam import AESAM
-from sharpness.optim.bsam import BayesianSAM
-from sharpness.optim.crsam import CRSAM
-from sharpness.optim.esam import ESAM
-from sharpness.optim.friendly import FriendlySAM
-from sharpness.optim.gam import GAM
-from sharpness.optim.gsam import GSAM
-from sharpness.optim.lets import LETS
-from sharpness.optim.lightsam import LightSAM
-from sharpness.optim.looksam import EveryKSAM, LookSAM
-from sharpness.optim.monge import MongeSAM
-from sharpness.optim.msam import MSharpnessSAM
-from sharpness.optim.rsam import RandomSAM
+from importlib import import_module
+from typing import Any
+
+from sharpness.methods import every_method
 from sharpness.optim.sam import SAM
-from sharpness.optim.sampa import SAMPa
-from sharpness.optim.ssam import SSAMD, SSAMF
-from sharpness.optim.wsam import WSAM
 
-__all__ = [
-    "SAM", "EveryKSAM", "LookSAM", "MSharpnessSAM", "SAMPa", "AESAM", "ESAM", "LETS", "LightSAM", "AdaSAM", "GAM", "CRSAM",
-    "BayesianSAM", "GSAM", "FriendlySAM", "WSAM", "RandomSAM", "MongeSAM", "SSAMF", "SSAMD",
-]
+# Methods whose rule still lives in a torch-front module of its own (name -> module).
+_LEGACY = {
+    "AdaSAM": "adasam", "AESAM": "aesam", "BayesianSAM": "bsam", "CRSAM": "crsam", "ESAM": "esam",
+    "FriendlySAM": "friendly", "GAM": "gam", "LETS": "lets", "LightSAM": "lightsam", "MongeSAM": "monge",
+    "MSharpnessSAM": "msam", "RandomSAM": "rsam", "SAMPa": "sampa", "SSAMD": "ssam", "SSAMF": "ssam", "WSAM": "wsam",
+}
+
+
+def _torch_front(rule: type) -> type:
+    return type(rule.__name__, (rule, SAM), {"__doc__": rule.__doc__, "__module__": __name__, "__qualname__": rule.__name__})
+
+
+_RULES = every_method()
+for _name, _rule in _RULES.items():
+    globals()[_name] = _torch_front(_rule)
+for _name, _module in _LEGACY.items():
+    if _name not in _RULES:
+        globals()[_name] = getattr(import_module(f"{__name__}.{_module}"), _name)
+
+__all__ = ["SAM", *sorted(set(_RULES) | set(_LEGACY))]
+
+
+def __getattr__(name: str) -> Any:  # for type checkers: the classes above are built at import
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

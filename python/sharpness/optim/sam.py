@@ -33,6 +33,7 @@ from sharpness.backends.triton import TritonEngine, why_not as _triton_why_not
 from sharpness.buffers import LayoutChanged, keep_in_place
 from sharpness.methods import NORM_EPS
 from sharpness.methods.base import Method, Phase, restored_on_failure
+from sharpness.optim._state import load_vectors, new_vectors, save_vectors
 
 _BACKENDS = ("auto", "rust", "torch", "triton")
 _MEMORY_MODES = ("exact", "subtract")
@@ -207,6 +208,8 @@ class SAM(Method, torch.optim.Optimizer):
         self.last_grad_norm = float("nan")
         # Scalars of the method itself (step count; variants add theirs), saved in state_dict().
         self.sam_state: dict[str, Any] = {"step": 0}
+        # The method's own per-parameter vectors (apart from the base optimizer's state).
+        self.vectors = new_vectors()
         if backend == "rust":
             for group in self.param_groups:
                 for p in group["params"]:
@@ -225,12 +228,12 @@ class SAM(Method, torch.optim.Optimizer):
         # storage (rebinding later would make torch.compile guard-fail and recompile).
         self.engines()
 
-    @staticmethod
-    def _check_group(group: dict[str, Any]) -> None:
+    def _check_group(self, group: dict[str, Any]) -> None:
         # Stored back as floats: the kernels and the saved state take Python numbers.
         group["sam_rho"] = number("sam_rho", group["sam_rho"], minimum=0)
         group["sam_eta"] = number("sam_eta", group["sam_eta"], minimum=0)
         group["sam_norm_weight"] = number("sam_norm_weight", group["sam_norm_weight"], above=0)
+        self._setup_group(group)
 
     def _link_base(self) -> None:
         # One list of groups and one state for both: an LR scheduler built on either optimizer
@@ -379,6 +382,7 @@ class SAM(Method, torch.optim.Optimizer):
             raise RuntimeError("first_step() was called twice without second_step() in between; " + _HOW_TO_CALL)
         if not self._in_step:
             self._pre_hooks((), {"zero_grad": zero_grad})
+        self._start_step()
         self._first_step_scaled = grad_scaler is not None
         self._one_pass_on_scaled = False
         with profiled("SAM.first_step"):
@@ -891,6 +895,9 @@ class SAM(Method, torch.optim.Optimizer):
         sd = self.base_optimizer.state_dict()
         self.sync_stats()
         sd["sam"] = {"stats": dict(self.stats), "generator": self.generator.get_state(), "state": dict(self.sam_state)}
+        names = self._checkpointed_vectors()
+        if names:
+            sd["sam"]["vectors"] = save_vectors(self.vectors, self.param_groups, names)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -903,6 +910,7 @@ class SAM(Method, torch.optim.Optimizer):
         for group in self.param_groups:
             for key in SAM_KEYS:
                 group.setdefault(key, self.defaults[key])
+            self._setup_group(group)
         # The same Counter object: the engines hold it. The loaded state tensors are adopted into
         # the flat buffers on the next step.
         self.stats.clear()
@@ -910,6 +918,9 @@ class SAM(Method, torch.optim.Optimizer):
         if "generator" in sam:
             self.generator.set_state(sam["generator"])
         self.sam_state.update(sam.get("state", {}))
+        names = self._checkpointed_vectors()
+        if names:
+            load_vectors(self.vectors, self.param_groups, sam.get("vectors", {name: {} for name in names}))
 
     def __repr__(self) -> str:
         return f"SAM(backend={self.backend!r}, base={self.base_optimizer!r})"

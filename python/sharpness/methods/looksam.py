@@ -15,9 +15,11 @@ the component of ``g_s`` orthogonal to ``g``; on the steps in between it takes o
 Every-k SAM (Composer's ``interval``, optax's ``sync_period``) is the baseline: a SAM step every
 ``k`` steps, plain base-optimizer steps in between (LookSAM with ``α = 0``).
 
-Both run on the engines' shared kernels (norms, dot products, ``axpby``, the fused steps);
-``g_v`` lives in the optimizer state (``state[p]["looksam_gv"]``), so it is checkpointed with
-everything else.
+Both are written once here, over the engine contract (dot products, ``axpby``, the fused
+steps), and run on both fronts: :class:`sharpness.LookSAM` (torch) and
+:class:`sharpness.numpy.LookSAM`. ``g_v`` lives in the optimizer state (``state[p]["looksam_gv"]``;
+on the numpy front ``state[i]``), so it is checkpointed with everything else, and ``‖g_v‖`` in
+``state_dict()["sam"]["state"]["gv_norm"]``.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 from sharpness._validation import number
-from sharpness.optim.sam import SAM
+from sharpness.methods.base import Method
+
+__all__ = ["EveryKSAM", "LookSAM"]
 
 _GV = "looksam_gv"
 
@@ -37,9 +39,10 @@ def _check_k(k: int) -> int:
     return number("k", k, minimum=1, integer=True)
 
 
-class EveryKSAM(SAM):
+class EveryKSAM(Method):
     """SAM every ``k`` steps, plain base-optimizer steps in between (the baseline of the
-    efficient SAM variants; ``k = 1`` is SAM).
+    efficient SAM variants, e.g. of LookSAM: Liu et al., CVPR 2022, arXiv:2203.02714; Composer's
+    ``interval``, optax's ``sync_period``; ``k = 1`` is SAM).
 
     :meth:`first_step` returns whether a second pass must follow; on the other steps it takes
     the whole (plain) step itself (given ``grad_scaler=``, it leaves that step to
@@ -61,9 +64,9 @@ class EveryKSAM(SAM):
 
     needs_unscaled_first_gradient = "its one-pass steps must be left to scaler.step(), which unscales them"
 
-    def __init__(self, params: Any, base_optimizer: Any, k: int = 2, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, k: int = 2, **kwargs: Any) -> None:
         self.k = _check_k(k)
-        super().__init__(params, base_optimizer, **kwargs)
+        super().__init__(*args, **kwargs)
 
     def _second_pass_due(self, grad_norm: float) -> bool:
         return self.sam_state["step"] % self.k == 0
@@ -72,7 +75,7 @@ class EveryKSAM(SAM):
         return self.sam_state["step"] % self.k == 0
 
 
-class LookSAM(SAM):
+class LookSAM(Method):
     """LookSAM (Liu et al., CVPR 2022, arXiv:2203.02714): a SAM step every ``k`` steps that
     keeps ``g_v``, the part of the SAM gradient orthogonal to the plain gradient; in between,
     one gradient pass with ``g + α‖g‖/‖g_v‖·g_v`` as the update direction.
@@ -106,10 +109,10 @@ class LookSAM(SAM):
         "left to scaler.step()"
     )
 
-    def __init__(self, params: Any, base_optimizer: Any, k: int = 5, alpha: float = 0.7, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, k: int = 5, alpha: float = 0.7, **kwargs: Any) -> None:
         self.k = _check_k(k)
         self.alpha = number("alpha", alpha, minimum=0)
-        super().__init__(params, base_optimizer, **kwargs)
+        super().__init__(*args, **kwargs)
         self.sam_state["gv_norm"] = 0.0
 
     def _second_pass_due(self, grad_norm: float) -> bool:
@@ -122,7 +125,6 @@ class LookSAM(SAM):
         for engine in engines:  # keep g: g_v is computed from it once g_s is known
             engine.copy("grads", _GV, self.state)
 
-    @torch.no_grad()
     def _before_base_step(self, engines: list) -> None:
         g_dot_g = sum(engine.dot(_GV, _GV, self.state) for engine in engines)
         g_dot_gs = sum(engine.dot("grads", _GV, self.state) for engine in engines)
@@ -131,7 +133,6 @@ class LookSAM(SAM):
             engine.axpby("grads", _GV, 1.0, -c, self.state)
         self.sam_state["gv_norm"] = math.sqrt(sum(engine.dot(_GV, _GV, self.state) for engine in engines))
 
-    @torch.no_grad()
     def _one_pass_gradient(self, engines: list, grad_norm: float) -> None:
         gv_norm = self.sam_state["gv_norm"]
         if self.alpha == 0 or gv_norm == 0:
