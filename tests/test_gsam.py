@@ -8,12 +8,26 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from _family import assert_close, assert_equal, batches, flat_dot, grads_at, grads_at_offset, loss_of
+from _numpy_family import (
+    AdamRef,
+    SGDRef,
+    SoftmaxRegression,
+    add,
+    assert_arrays,
+    copies,
+    dot as np_dot,
+    norm as np_norm,
+    torch_closure,
+    torch_params,
+)
 from torch import nn
 
 import sharpness
+from sharpness import numpy as snp
 
 
 def make_model(seed=0, dtype=torch.float32):
@@ -264,3 +278,287 @@ def test_rho_min_above_rho_is_refused():
     opt.param_groups[1]["gsam_rho_min"] = 0.3  # changed after construction: refused at the next step
     with pytest.raises(ValueError, match=r"rho_min \(0\.3\).*rho \(0\.1\)"):
         opt.rho_t(opt.param_groups[1])
+
+
+# == the numpy front (sharpness.numpy.GSAM: the same rule over numpy arrays) ======================
+# A small softmax regression with hand-written gradients; references per array in float64 with
+# torch.optim's steps (SGDRef, AdamRef), written from Algorithm 1.
+
+NP_PROBLEM = SoftmaxRegression(n_rows=48, n_in=5, n_classes=4, batch=24, stride=11)
+np_problem, np_loss_and_grads = NP_PROBLEM.make_problem, NP_PROBLEM.loss_and_grads
+np_batch_rows, np_grad_fn_for = NP_PROBLEM.batch_rows, NP_PROBLEM.grad_fn_for
+NP_STEPS = 25
+NP_BASES = {
+    "sgd": (lambda: SGDRef(0.1, momentum=0.9, weight_decay=1e-3), dict(base="sgd", lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    "adam": (lambda: AdamRef(1e-2), dict(base="adam", lr=1e-2)),
+    "adamw": (lambda: AdamRef(1e-2, weight_decay=0.05, decoupled=True), dict(base="adamw", lr=1e-2, weight_decay=0.05)),
+}
+
+
+def np_lr_at(t, lr0):
+    """A decaying schedule (ρ_t follows it)."""
+    return lr0 * (1.0 - 0.04 * t)
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def np_run(opt, X, labels, steps, start=0, schedule=None):
+    for t in range(start, start + steps):
+        if schedule is not None:
+            set_lr(opt, np_lr_at(t, schedule))
+        opt.step(np_grad_fn_for(X, labels, t))
+
+
+def np_run_torch(opt, tparams, X, labels, steps, schedule=None):
+    """The torch front on the same gradients, computed in numpy from its current weights."""
+    for t in range(steps):
+        if schedule is not None:
+            set_lr(opt, np_lr_at(t, schedule))
+        opt.step(torch_closure(tparams, np_grad_fn_for(X, labels, t)))
+
+
+def sam_e(g, rho):
+    return [rho * x / (np_norm(g) + 1e-12) for x in g]
+
+
+def np_reference_gsam_at(X, labels, w, lrs, rho_max, rho_min, lr_max, lr_min, alpha, base):
+    """Algorithm 1 with ρ_t linear in lr_t between (lr_min, ρ_min) and (lr_max, ρ_max), clamped to
+    [ρ_min, ρ_max]; returns the weights and the ρ_t of each step."""
+    w, rhos = copies(w), []
+    for t, lr in enumerate(lrs):
+        base.lr = lr
+        rho = min(rho_max, max(rho_min, rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)))
+        rhos.append(rho)
+        _, g = np_loss_and_grads(X, labels, w, np_batch_rows(t))
+        _, gp = np_loss_and_grads(X, labels, add(w, sam_e(g, rho)), np_batch_rows(t))
+        g_perp = add(g, gp, -np_dot(g, gp) / np_dot(gp, gp))
+        w = base.step(w, add(gp, g_perp, -alpha))
+    return w, rhos
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_numpy_gsam_matches_the_paper(base):
+    X, labels, w = np_problem()
+    ref, kw = NP_BASES[base]
+    lr0 = kw["lr"]
+    lrs = [np_lr_at(t, lr0) for t in range(NP_STEPS)]
+    expected, _ = np_reference_gsam_at(X, labels, w, lrs, 0.2, 0.05, lr0, 0.0, 0.3, ref())
+    opt = snp.GSAM(w, rho=0.2, rho_min=0.05, alpha=0.3, **kw)
+    np_run(opt, X, labels, NP_STEPS, schedule=lr0)
+    assert_arrays(w, expected)
+    assert opt.param_groups[0]["sam_rho"] == pytest.approx(0.05 + 0.15 * np_lr_at(NP_STEPS - 1, lr0) / lr0)
+
+
+@pytest.mark.parametrize("kw", [dict(base="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3), dict(base="adam", lr=1e-2)])
+def test_numpy_alpha_zero_is_sam_bit_for_bit(kw):
+    X, labels, w0 = np_problem(np.float32)
+    a, b = copies(w0), copies(w0)
+    np_run(snp.GSAM(a, rho=0.1, alpha=0.0, **kw), X, labels, 15, schedule=kw["lr"])
+    np_run(snp.SAM(b, rho=0.1, **kw), X, labels, 15, schedule=kw["lr"])
+    assert_arrays(a, b, exact=True)
+
+
+@pytest.mark.parametrize(
+    "np_base, torch_base, base_kw",
+    [
+        ("sgd", torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+        ("adamw", torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+    ],
+    ids=["sgd", "adamw"],
+)
+def test_numpy_front_follows_the_torch_front(np_base, torch_base, base_kw):
+    X, labels, w = np_problem(np.float32)
+    tparams = torch_params(w)
+    kw = dict(rho=0.1, rho_min=0.02, alpha=0.3)
+    np_run(snp.GSAM(w, base=np_base, **kw, **base_kw), X, labels, 20, schedule=base_kw["lr"])
+    topt = sharpness.GSAM(tparams, torch_base, backend="rust", **kw, **base_kw)
+    np_run_torch(topt, tparams, X, labels, 20, schedule=base_kw["lr"])
+    assert_arrays(w, tparams, rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_state_dict_round_trip_mid_run_keeps_the_schedule():
+    kw = dict(rho=0.1, rho_min=0.02, alpha=0.3, lr=0.05, momentum=0.9)
+    X, labels, w0 = np_problem(np.float32)
+    a = copies(w0)
+    np_run(snp.GSAM(a, **kw), X, labels, 14, schedule=0.05)
+    b = copies(w0)
+    opt_b = snp.GSAM(b, **kw)
+    np_run(opt_b, X, labels, 6, schedule=0.05)
+    sd = copy.deepcopy(opt_b.state_dict())
+    snapshot = copies(b)
+    np_run(opt_b, X, labels, 2, start=6, schedule=0.05)  # later steps leave the saved dict alone
+    c = copies(snapshot)
+    opt_c = snp.GSAM(c, **dict(kw, lr=0.5))  # lr_max comes from the checkpoint
+    opt_c.load_state_dict(sd)
+    np_run(opt_c, X, labels, 8, start=6, schedule=0.05)
+    assert_arrays(a, c, exact=True)
+    g = snp.GSAM(copies(w0), rho=0.2, rho_min=0.1, lr=0.1)
+    g2 = snp.GSAM(copies(w0), rho=0.4, lr=1.0)
+    g2.load_state_dict(g.state_dict())
+    group = g2.param_groups[0]
+    assert (group["gsam_rho_max"], group["gsam_rho_min"], group["gsam_lr_max"], group["gsam_lr_min"]) == (0.2, 0.1, 0.1, 0.0)
+    with pytest.raises(ValueError, match="saved by SAM; this optimizer is GSAM"):
+        snp.GSAM(copies(w0)).load_state_dict(snp.SAM(copies(w0)).state_dict())
+
+
+def test_numpy_nonfinite_norm_errors_and_exceptions():
+    X, labels, w = np_problem(np.float32)
+    opt = snp.GSAM(w, rho=0.1, alpha=0.3, lr=0.05, momentum=0.9)
+    np_run(opt, X, labels, 3)
+    before = copies(w)
+    _, g = np_loss_and_grads(X, labels, w)
+    bad = copies(g)
+    bad[0][0, 0] = np.inf
+    assert opt.first_step(bad) is True and not math.isfinite(opt.last_grad_norm)
+    assert_arrays(w, before, exact=True)  # nothing moved
+    opt.second_step(g)  # the plain update with finite gradients
+    assert all(np.isfinite(a).all() for a in w)
+    assert opt.state_dict()["sam"]["stats"]["nonfinite_skips"] == 1
+    seen = []
+
+    def grad_fn(params):
+        loss, grads = np_loss_and_grads(X, labels, params)
+        seen.append((copies(grads), grads))
+        return loss, grads
+
+    for _ in range(3):
+        opt.step(grad_fn)
+    for kept, given in seen:  # the caller's gradients are never written
+        assert_arrays(kept, given, exact=True)
+    before, calls = copies(w), []
+
+    def failing(params):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("boom")
+        return np_loss_and_grads(X, labels, params)
+
+    with pytest.raises(KeyError):
+        opt.step(failing)
+    assert_arrays(w, before, exact=True)
+    assert not opt.perturbed
+    with pytest.raises(ValueError, match="boom"):
+        opt.step(lambda params: (_ for _ in ()).throw(ValueError("boom")))
+    assert_arrays(w, before, exact=True)
+    opt.step(grad_fn)  # and the optimizer still works
+    mixed = [w[0].astype(np.float64), w[1].astype(np.float32)]
+    opt = snp.GSAM(mixed, rho=0.1, lr=0.05)
+    start = copies(mixed)
+
+    def mixed_grads(params, t):
+        _, grads = np_loss_and_grads(X, labels, [q.astype(np.float64) for q in params], np_batch_rows(t))
+        return 0.0, [x.astype(a.dtype) for x, a in zip(grads, params)]
+
+    for t in range(4):
+        opt.step(lambda p, t=t: mixed_grads(p, t))
+    assert [a.dtype for a in mixed] == [np.float64, np.float32] and not np.array_equal(mixed[0], start[0])
+
+
+def test_numpy_bad_arguments_and_protocol_errors():
+    w = [np.zeros(3)]
+    with pytest.raises(ValueError, match="alpha"):
+        snp.GSAM(w, alpha=-0.1)
+    with pytest.raises(TypeError, match="alpha"):
+        snp.GSAM(w, alpha="big")
+    with pytest.raises(ValueError, match="rho_min"):
+        snp.GSAM(w, rho_min=-1.0)
+    with pytest.raises(ValueError, match="lr_max"):
+        snp.GSAM(w, lr_max=math.inf)
+    with pytest.raises(ValueError, match="rho"):
+        snp.GSAM(w, rho=-1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        snp.GSAM([np.zeros(3, dtype=np.int64)])
+    with pytest.raises(TypeError, match="not one array"):
+        snp.GSAM(np.zeros(3))
+    with pytest.raises(ValueError, match="empty"):
+        snp.GSAM([])
+    w = [np.zeros((2, 3)), np.zeros(3)]
+    opt = snp.GSAM(w, rho=0.1, alpha=0.3, lr=0.05, momentum=0.9)
+    g = [np.ones((2, 3)), np.ones(3)]
+    with pytest.raises(RuntimeError, match="first_step"):
+        opt.second_step(g)
+    with pytest.raises(ValueError, match="gradient arrays for 2 parameters"):
+        opt.first_step(g[:1])
+    with pytest.raises(TypeError, match=r"grads\[1\] has dtype float32"):
+        opt.first_step([g[0], g[1].astype(np.float32)])
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape"):
+        opt.first_step([np.ones(6), g[1]])
+    with pytest.raises(TypeError, match="not one array"):
+        opt.first_step(np.ones(3))
+    opt.first_step(g)
+    with pytest.raises(RuntimeError, match="twice"):
+        opt.first_step(g)
+    with pytest.raises(RuntimeError):
+        opt.state_dict()
+    with pytest.raises(RuntimeError):
+        opt.load_state_dict({})
+    opt.second_step(g)
+    sd = opt.state_dict()
+    with pytest.raises(TypeError, match="dict"):
+        opt.load_state_dict([sd])
+    broken = copy.deepcopy(sd)
+    broken["state"][0] = {k: np.zeros(5) for k in broken["state"][0]}
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(broken)
+    opt.load_state_dict(sd)
+
+
+# A warm-up past lr_max = 0.1 (the lr at construction), then a decay below lr_min = 0.02.
+GSAM_LRS = [0.02, 0.1, 0.25, 0.37, 0.3, 0.15, 0.08, 0.05, 0.02, 0.01, 0.004, 0.0]
+
+
+def test_numpy_rho_t_is_clamped_to_its_ends_against_the_reference():
+    X, labels, w = np_problem()
+    expected, rhos = np_reference_gsam_at(X, labels, w, GSAM_LRS, 0.1, 0.02, 0.1, 0.02, 0.3, SGDRef(0.1, momentum=0.9))
+    opt = snp.GSAM(w, rho=0.1, rho_min=0.02, lr_min=0.02, alpha=0.3, lr=0.1, momentum=0.9)
+    seen = []
+    for t, lr in enumerate(GSAM_LRS):
+        set_lr(opt, lr)
+        opt.step(np_grad_fn_for(X, labels, t))
+        seen.append(opt.param_groups[0]["sam_rho"])
+    assert seen == pytest.approx(rhos, rel=1e-12)
+    for lr, rho in zip(GSAM_LRS, seen):
+        if lr >= 0.1:
+            assert rho == 0.1  # exactly ρ_max
+        if lr <= 0.02:
+            assert rho == 0.02  # exactly ρ_min
+    assert_arrays(w, expected)
+
+
+def test_numpy_and_torch_fronts_clamp_rho_t_alike():
+    X, labels, w = np_problem(np.float32)
+    tparams = torch_params(w)
+    kw = dict(rho=0.1, rho_min=0.02, lr_min=0.02, alpha=0.3, lr=0.1, momentum=0.9)
+    opt = snp.GSAM(w, **kw)
+    topt = sharpness.GSAM(tparams, torch.optim.SGD, backend="rust", **kw)
+    for t, lr in enumerate(GSAM_LRS):
+        set_lr(opt, lr)
+        set_lr(topt, lr)
+        opt.step(np_grad_fn_for(X, labels, t))
+        topt.step(torch_closure(tparams, np_grad_fn_for(X, labels, t)))
+        group = opt.param_groups[0]
+        assert group["sam_rho"] == topt.param_groups[0]["sam_rho"] == opt.rho_t(group)
+        assert opt.rho_t(group) == topt.rho_t(topt.param_groups[0])
+    assert_arrays(w, tparams, rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_rho_min_above_rho_is_refused():
+    w = [np.zeros(3)]
+    with pytest.raises(ValueError, match=r"rho_min \(0\.2\).*rho \(0\.1\)"):
+        snp.GSAM(w, rho=0.1, rho_min=0.2)
+    with pytest.raises(ValueError, match=r"rho_min \(0\.05\).*rho \(0\.0\)"):
+        snp.GSAM(w, rho=0.0, rho_min=0.05)
+    sd = snp.GSAM(w, rho=0.1, rho_min=0.05).state_dict()
+    sd["param_groups"][0]["gsam_rho_min"] = 0.3
+    with pytest.raises(ValueError, match=r"rho_min \(0\.3\).*rho \(0\.1\)"):
+        snp.GSAM(w, rho=0.1).load_state_dict(sd)
+    opt = snp.GSAM(w, rho=0.1, rho_min=0.05)
+    opt.param_groups[0]["gsam_rho_min"] = 0.3  # changed after construction: refused at the next step
+    with pytest.raises(ValueError, match=r"rho_min \(0\.3\).*rho \(0\.1\)"):
+        opt.rho_t(opt.param_groups[0])
+    with pytest.raises(ValueError, match=r"rho_min \(0\.3\).*rho \(0\.1\)"):
+        opt.step(lambda params: (0.0, [np.ones(3)]))
+    assert w[0].tobytes() == np.zeros(3).tobytes()

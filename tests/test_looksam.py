@@ -7,11 +7,14 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from _family import assert_close, assert_equal, batches, flat_dot, grads_at, loss_of, make_model
+from _numpy_family import SGDRef, assert_arrays, dot, torch_closure, torch_params
 
 import sharpness
+from sharpness import numpy as snp
 
 
 def reference_looksam(model, base, data, rho, k, alpha):
@@ -169,3 +172,181 @@ def test_variant_state_does_not_hide_the_base_optimizers_first_step(base_cls):
         final[backend] = [p.detach().clone() for p in model.parameters()]
     for a, b in zip(final["torch"], final["rust"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# == the numpy front (sharpness.numpy.LookSAM / EveryKSAM: the same rule, numpy arrays) ==========
+# A small non-convex problem with hand-written gradients, pred = tanh(X W) v, and a per-array
+# float64 reference of the paper's algorithm with torch.optim.SGD's step (SGDRef).
+
+def np_problem(dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(40, 4)).astype(dtype)
+    y = rng.normal(size=40).astype(dtype)
+    W = (0.5 * rng.normal(size=(4, 3))).astype(dtype)
+    v = (0.5 * rng.normal(size=3)).astype(dtype)
+    return X, y, [W, v]
+
+
+def np_loss_and_grads(X, y, params, rows=None):
+    W, v = params
+    if rows is not None:
+        X, y = X[rows], y[rows]
+    h = np.tanh(X @ W)
+    r = h @ v - y
+    n = len(y)
+    dv = h.T @ r / n
+    dW = X.T @ (np.outer(r, v) / n * (1 - h * h))
+    return float(0.5 * np.mean(r * r)), [dW.astype(W.dtype), dv.astype(v.dtype)]
+
+
+def batch_rows(t):
+    return np.arange(40)[(t * 7) % 40 :][:20] if (t * 7) % 40 <= 20 else np.arange(20)
+
+
+def grad_fn_for(X, y, t):
+    return lambda params: np_loss_and_grads(X, y, params, batch_rows(t))
+
+
+def run_numpy(opt, X, y, steps, start=0):
+    for t in range(start, start + steps):
+        opt.step(grad_fn_for(X, y, t))
+
+
+def run_torch(opt, tparams, X, y, steps):
+    """The torch front on the same gradients, computed in numpy from the current weights."""
+    for t in range(steps):
+        opt.step(torch_closure(tparams, grad_fn_for(X, y, t)))
+
+
+
+
+def np_reference_looksam(X, y, w, steps, rho, k, alpha, base):
+    w = [p.astype(np.float64) for p in w]
+    gv = None
+    for t in range(steps):
+        _, g = np_loss_and_grads(X, y, w, batch_rows(t))
+        if t % k == 0:
+            s = rho / (math.sqrt(dot(g, g)) + 1e-12)
+            _, gs = np_loss_and_grads(X, y, [a + s * b for a, b in zip(w, g)], batch_rows(t))
+            c = dot(g, gs) / dot(g, g)
+            gv = [b - c * a for a, b in zip(g, gs)]
+            d = gs
+        else:
+            scale = alpha * math.sqrt(dot(g, g)) / math.sqrt(dot(gv, gv)) if alpha else 0.0
+            d = [a + scale * b for a, b in zip(g, gv)]
+        w = base.step(w, d)
+    return w
+
+
+
+@pytest.mark.parametrize("k, alpha", [(3, 0.7), (4, 1.5), (2, 0.0)])
+def test_numpy_looksam_matches_the_paper(k, alpha):
+    X, y, w = np_problem(np.float64)
+    expected = np_reference_looksam(X, y, w, 25, 0.1, k, alpha, SGDRef(0.1, 0.9))
+    opt = snp.LookSAM(w, k=k, alpha=alpha, rho=0.1, lr=0.1, momentum=0.9)
+    run_numpy(opt, X, y, 25)
+    assert_arrays(w, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_numpy_every_k_sam_matches_the_reference(k):
+    X, y, w = np_problem(np.float64)
+    expected = np_reference_looksam(X, y, w, 25, 0.1, k, 0.0, SGDRef(0.1, 0.9))
+    opt = snp.EveryKSAM(w, k=k, rho=0.1, lr=0.1, momentum=0.9)
+    run_numpy(opt, X, y, 25)
+    assert_arrays(w, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "np_cls, torch_cls, kw",
+    [
+        (snp.EveryKSAM, sharpness.EveryKSAM, dict(k=3)),
+        (snp.LookSAM, sharpness.LookSAM, dict(k=3, alpha=0.7)),
+    ],
+)
+@pytest.mark.parametrize(
+    "np_base, torch_base, base_kw",
+    [
+        ("sgd", torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+        ("adamw", torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+    ],
+)
+def test_the_numpy_front_follows_the_torch_front(np_cls, torch_cls, kw, np_base, torch_base, base_kw):
+    X, y, w = np_problem(np.float32)
+    tparams = torch_params(w)
+    opt = np_cls(w, rho=0.1, base=np_base, **kw, **base_kw)
+    run_numpy(opt, X, y, 24)
+    topt = torch_cls(tparams, torch_base, rho=0.1, backend="rust", **kw, **base_kw)
+    run_torch(topt, tparams, X, y, 24)
+    assert_arrays(w, tparams, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("base, kw", [("sgd", dict(lr=0.05, momentum=0.9)), ("adam", dict(lr=1e-2))])
+def test_numpy_k_one_is_sam_bit_for_bit(base, kw):
+    X, y, w0 = np_problem(np.float32)
+    runs = []
+    for cls, extra in ((snp.SAM, {}), (snp.EveryKSAM, dict(k=1)), (snp.LookSAM, dict(k=1, alpha=0.7))):
+        w = [p.copy() for p in w0]
+        run_numpy(cls(w, rho=0.1, base=base, **extra, **kw), X, y, 15)
+        runs.append(w)
+    assert_arrays(runs[0], runs[1], exact=True)
+    assert_arrays(runs[0], runs[2], exact=True)
+
+
+def test_numpy_alpha_zero_is_every_k_sam_bit_for_bit():
+    X, y, w0 = np_problem(np.float32)
+    a, b = [p.copy() for p in w0], [p.copy() for p in w0]
+    run_numpy(snp.LookSAM(a, k=3, alpha=0.0, rho=0.1, lr=0.05, momentum=0.9), X, y, 15)
+    run_numpy(snp.EveryKSAM(b, k=3, rho=0.1, lr=0.05, momentum=0.9), X, y, 15)
+    assert_arrays(a, b, exact=True)
+
+
+def test_every_k_counts_passes_and_leaves_the_callers_gradients_alone():
+    X, y, w = np_problem(np.float32)
+    opt = snp.LookSAM(w, k=3, alpha=0.7, rho=0.1, lr=0.05)
+    calls, seen = [], []
+
+    def grad_fn(params):
+        calls.append(1)
+        loss, grads = np_loss_and_grads(X, y, params)
+        seen.append([g.copy() for g in grads])
+        seen[-1].append(grads)
+        return loss, grads
+
+    for _ in range(6):
+        opt.step(grad_fn)
+    assert len(calls) == 2 + 1 + 1 + 2 + 1 + 1
+    for entry in seen:
+        assert_arrays(entry[:2], entry[2], exact=True)
+    assert not opt.perturbed
+
+
+@pytest.mark.parametrize(
+    "cls, kw",
+    [(snp.LookSAM, dict(k=4, alpha=0.7)), (snp.EveryKSAM, dict(k=4))],
+)
+def test_numpy_state_dict_round_trip_mid_run(cls, kw):
+    X, y, w0 = np_problem(np.float32)
+    a = [p.copy() for p in w0]
+    run_numpy(cls(a, rho=0.1, lr=0.05, momentum=0.9, **kw), X, y, 14)
+    b = [p.copy() for p in w0]
+    opt_b = cls(b, rho=0.1, lr=0.05, momentum=0.9, **kw)
+    run_numpy(opt_b, X, y, 6)  # between two SAM steps: g_v must survive
+    sd = copy.deepcopy(opt_b.state_dict())
+    c = [p.copy() for p in b]
+    opt_c = cls(c, rho=0.1, lr=0.05, momentum=0.9, **kw)
+    opt_c.load_state_dict(sd)
+    run_numpy(opt_c, X, y, 8, start=6)
+    assert_arrays(a, c, exact=True)
+
+
+def test_numpy_looksam_keeps_g_v_under_the_torch_front_key():
+    """g_v lives in the per-parameter state on both fronts (checkpoint key "looksam_gv"), ‖g_v‖ in
+    the method's scalars (state_dict()["sam"]["state"]["gv_norm"])."""
+    X, y, w = np_problem(np.float64)
+    opt = snp.LookSAM(w, k=3, alpha=0.7, rho=0.1, lr=0.05)
+    run_numpy(opt, X, y, 2)
+    sd = opt.state_dict()
+    gv = [sd["state"][i]["looksam_gv"] for i in range(len(w))]
+    assert sd["sam"]["state"]["gv_norm"] == pytest.approx(math.sqrt(dot(gv, gv)), rel=1e-12) and sd["sam"]["state"]["gv_norm"] > 0
+

@@ -98,6 +98,19 @@ class Method:
             cls._before_perturbation is Method._before_perturbation and cls._perturb is Method._perturb
         )
 
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    @classmethod
+    def method_name(cls) -> str:
+        """The method's name as checkpoints record it (the library's class, not a user's subclass)."""
+        return next(c.__name__ for c in cls.__mro__ if c.__module__.startswith("sharpness."))
+
+    def _check_checkpoint_method(self, sam: dict[str, Any]) -> None:
+        """Refuses a checkpoint another method saved (its state would be read as this one's)."""
+        saved = sam.get("method")
+        if saved is not None and saved != self.method_name():
+            raise ValueError(f"state_dict was saved by {saved}; this optimizer is {self.method_name()}")
+
     # -- the phase of the step ---------------------------------------------------------------------
 
     @property

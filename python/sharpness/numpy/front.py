@@ -428,6 +428,7 @@ class SAM(Method):
             groups.append({**settings, "params": list(range(start, start + n))})
             start += n
         sam = {
+            "method": self.method_name(),
             "base": self.base_optimizer.name,
             "stats": dict(self.stats),
             "generator": copy.deepcopy(self.generator.bit_generator.state),
@@ -450,6 +451,7 @@ class SAM(Method):
         missing = {"state", "param_groups", "sam"} - set(state_dict)
         if missing:
             raise ValueError(f"state_dict lacks {', '.join(sorted(missing))}")
+        self._check_checkpoint_method(state_dict["sam"])
         saved_base = state_dict["sam"].get("base", self.base_optimizer.name)
         if saved_base != self.base_optimizer.name:
             raise ValueError(f"state_dict is for base={saved_base!r}, this optimizer has base={self.base_optimizer.name!r}")

@@ -894,7 +894,12 @@ class SAM(Method, torch.optim.Optimizer):
             )
         sd = self.base_optimizer.state_dict()
         self.sync_stats()
-        sd["sam"] = {"stats": dict(self.stats), "generator": self.generator.get_state(), "state": dict(self.sam_state)}
+        sd["sam"] = {
+            "method": self.method_name(),
+            "stats": dict(self.stats),
+            "generator": self.generator.get_state(),
+            "state": dict(self.sam_state),
+        }
         names = self._checkpointed_vectors()
         if names:
             sd["sam"]["vectors"] = save_vectors(self.vectors, self.param_groups, names)
@@ -905,6 +910,7 @@ class SAM(Method, torch.optim.Optimizer):
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
         state_dict = dict(state_dict)
         sam = state_dict.pop("sam", {})
+        self._check_checkpoint_method(sam)
         self.base_optimizer.load_state_dict(state_dict)
         self._link_base()
         for group in self.param_groups:
