@@ -198,7 +198,7 @@ def kernel_table(n: int, dtype, reps: int, copy_gbs: float) -> None:
     cases = [
         ("sum of squares", 1, lambda: K.sum_of_squares(g)),
         ("perturb (+backup)", 4, lambda: K.perturb(w, g, b, norm, 0.05, 1e-12)),
-        ("restore", 2, lambda: K.restore(w, b)),
+        ("copy", 2, lambda: K.copy(b, w)),
         ("restore+SGD momentum", 5, lambda: K.restore_sgd(w, b, g, m, lr=0.1, momentum=0.9)),
         ("restore+AdamW", 7, lambda: K.restore_adam(w, b, g, m, v, powers=powers, lr=1e-3, beta1=0.9, beta2=0.999,
                                                     eps=1e-8, weight_decay=0.1, decoupled=True)),  # fmt: skip

@@ -11,7 +11,7 @@
 //! | sum_of_squares                  |     4 |      0 |     4 |
 //! | sum_of_squares_adaptive         |     8 |      0 |     8 |
 //! | perturb, perturb_adaptive       |     8 |      8 |    16 |
-//! | restore                         |     4 |      4 |     8 |
+//! | copy (a restoration)            |     4 |      4 |     8 |
 //! | restore_sgd (no momentum)       |     8 |      4 |    12 |
 //! | restore_sgd (momentum)          |    12 |      8 |    20 |
 //! | restore_adam                    |    16 |     12 |    28 |
@@ -27,7 +27,7 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use rayon::prelude::*;
 use sharpness_kernels::{
-    perturb, perturb_adaptive, restore, restore_adam, restore_sgd, sum_of_squares,
+    copy, perturb, perturb_adaptive, restore_adam, restore_sgd, sum_of_squares,
     sum_of_squares_adaptive, AdamHyper, SgdHyper, CHUNK,
 };
 use std::hint::black_box;
@@ -174,10 +174,10 @@ fn bench_layout(group: &mut BenchmarkGroup<'_, WallTime>, bufs: &mut Buffers) {
     });
 
     group.throughput(bytes(8));
-    group.bench_function("restore", |b| {
+    group.bench_function("copy", |b| {
         let bk = views(backups);
         let mut w = views_mut(weights);
-        b.iter(|| restore::<f32>(&mut w, &bk).unwrap())
+        b.iter(|| copy::<f32>(&bk, &mut w).unwrap())
     });
 
     group.throughput(bytes(12));

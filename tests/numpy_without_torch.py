@@ -63,6 +63,15 @@ def methods():
             lambda opt, g: opt.step(lambda params: g(params, slice(0, 24)), lambda params: g(params, slice(24, 32))),
         ),
         "RandomSAM": (lambda p: snp.RandomSAM(p, rho=0.05, seed=0, lr=0.1), plain),
+        "ESAM": (  # grad_fn(params, indices) -> (per-sample losses, gradients of their mean)
+            lambda p: snp.ESAM(p, beta=0.6, gamma=0.5, rho=0.05, seed=0, lr=0.1),
+            lambda opt, g: opt.step(
+                lambda params, idx: (
+                    np.array([g(params, [i])[0] for i in (range(32) if idx is None else idx)]),
+                    g(params, slice(None) if idx is None else idx)[1],
+                )
+            ),
+        ),
     }
 
 

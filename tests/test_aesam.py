@@ -33,7 +33,7 @@ BASES = {
 }
 
 
-def reference_aesam(model, base, data, rho, total_steps, delta, lambda1, lambda2):
+def reference_aesam(model, base, data, rho, total_steps, delta, lam1, lam2):
     """Algorithm 1 of the paper, per tensor: EMA statistics of ‖g‖² updated every step, then SAM
     if ‖g‖² ≥ μ_t + c_t σ_t with c_t = (t/T)λ₁ + (1 − t/T)λ₂, else the plain step with g."""
     params = list(model.parameters())
@@ -45,7 +45,7 @@ def reference_aesam(model, base, data, rho, total_steps, delta, lambda1, lambda2
         mu = delta * mu + (1 - delta) * sq
         var = delta * var + (1 - delta) * (sq - mu) ** 2
         frac = min(t / total_steps, 1.0)
-        c = frac * lambda1 + (1 - frac) * lambda2
+        c = frac * lam1 + (1 - frac) * lam2
         if sq >= mu + c * math.sqrt(var):
             fired.append(True)
             norm = math.sqrt(sq)
@@ -110,8 +110,8 @@ def test_aesam_matches_the_paper(backend, base_name, api):
         assert opt.stats["fused_plain_steps"] == len(fired) - sum(fired)
 
 
-def test_schedule_runs_from_lambda2_to_lambda1():
-    opt = sharpness.AESAM(make_model().parameters(), torch.optim.SGD, total_steps=10, lambda1=-1.0, lambda2=3.0, lr=0.1)
+def test_schedule_runs_from_lam2_to_lam1():
+    opt = sharpness.AESAM(make_model().parameters(), torch.optim.SGD, total_steps=10, lam1=-1.0, lam2=3.0, lr=0.1)
     assert opt.threshold_coefficient(0) == 3.0
     assert opt.threshold_coefficient(5) == pytest.approx(1.0)
     assert opt.threshold_coefficient(10) == -1.0
@@ -127,7 +127,7 @@ def test_threshold_that_always_fires_is_sam_bit_for_bit(backend, base_name, api)
     data = batches(20)
     a, b = make_model(), make_model()
     run(sharpness.SAM(a.parameters(), base_cls, rho=0.1, backend=backend, **kw), a, data, api)
-    opt = sharpness.AESAM(b.parameters(), base_cls, total_steps=20, lambda1=-1e9, lambda2=-1e9, rho=0.1, backend=backend, **kw)
+    opt = sharpness.AESAM(b.parameters(), base_cls, total_steps=20, lam1=-1e9, lam2=-1e9, rho=0.1, backend=backend, **kw)
     assert all(run(opt, b, data, api))
     assert_equal(a, b)
 
@@ -145,13 +145,13 @@ def test_threshold_that_never_fires_is_the_base_optimizer(base_name, api):
         base.step()
     # backend="torch": the base optimizer's own step, bit for bit.
     mine = make_model()
-    opt = sharpness.AESAM(mine.parameters(), base_cls, total_steps=20, lambda1=1e9, lambda2=1e9, rho=0.1, backend="torch", **kw)
+    opt = sharpness.AESAM(mine.parameters(), base_cls, total_steps=20, lam1=1e9, lam2=1e9, rho=0.1, backend="torch", **kw)
     assert not any(run(opt, mine, data, api))
     assert_equal(ref, mine)
     # backend="rust": the fused kernel without perturbation, which is SAM with rho=0 bit for bit
     # and torch's step up to the kernel's rounding.
     fused, zero_rho = make_model(), make_model()
-    opt = sharpness.AESAM(fused.parameters(), base_cls, total_steps=20, lambda1=1e9, lambda2=1e9, rho=0.1, backend="rust", **kw)
+    opt = sharpness.AESAM(fused.parameters(), base_cls, total_steps=20, lam1=1e9, lam2=1e9, rho=0.1, backend="rust", **kw)
     assert not any(run(opt, fused, data, api))
     assert opt.stats["fused_plain_steps"] == 20 and opt.stats["fused_steps"] == 0
     run(sharpness.SAM(zero_rho.parameters(), base_cls, rho=0.0, backend="rust", **kw), zero_rho, data, api)
@@ -207,8 +207,8 @@ def test_bad_arguments():
         sharpness.AESAM(params(), torch.optim.SGD, total_steps=0, lr=0.1)
     with pytest.raises(ValueError, match="delta"):
         sharpness.AESAM(params(), torch.optim.SGD, total_steps=5, delta=1.0, lr=0.1)
-    with pytest.raises(ValueError, match="lambda1"):
-        sharpness.AESAM(params(), torch.optim.SGD, total_steps=5, lambda1=float("-inf"), lr=0.1)
+    with pytest.raises(ValueError, match="lam1"):
+        sharpness.AESAM(params(), torch.optim.SGD, total_steps=5, lam1=float("-inf"), lr=0.1)
 
 
 # -- the numpy front ------------------------------------------------------------------------------
@@ -229,9 +229,9 @@ def grad_of(w, X, y):
 def numpy_steps(opt, w, data):
     fired = []
     for X, y in data:
-        before = opt.sam_steps if hasattr(opt, "sam_steps") else 0
+        before = opt.sam_state.get("sam_steps", 0)
         opt.step(lambda params: (lambda lg: (lg[0], [lg[1]]))(grad_of(params[0], X, y)))
-        fired.append(getattr(opt, "sam_steps", 0) > before)
+        fired.append(opt.sam_state.get("sam_steps", 0) > before)
     return fired
 
 
@@ -267,7 +267,7 @@ def test_numpy_limits_are_sam_and_the_base_step_bit_for_bit(lam, sam_rho):
     data = regression()
     w1, w2 = np.zeros(5), np.zeros(5)
     fired = numpy_steps(
-        snp.AESAM([w1], total_steps=len(data), lambda1=lam, lambda2=lam, rho=0.1, base="adamw", lr=0.01), w1, data
+        snp.AESAM([w1], total_steps=len(data), lam1=lam, lam2=lam, rho=0.1, base="adamw", lr=0.01), w1, data
     )
     assert all(fired) if lam < 0 else not any(fired)
     numpy_steps(snp.SAM([w2], rho=sam_rho, base="adamw", lr=0.01), w2, data)
@@ -288,6 +288,32 @@ def test_numpy_state_dict_round_trip():
     opt_c.load_state_dict(sd)
     numpy_steps(opt_c, w_c, data[9:])
     assert np.array_equal(w_a, w_c)
-    assert (opt_c.mu, opt_c.var, opt_c.sam_steps) == (opt_a.mu, opt_a.var, opt_a.sam_steps)
-    with pytest.raises(ValueError, match="aesam"):
+    state_a, state_c = opt_a.sam_state, opt_c.sam_state
+    assert (state_c["mu"], state_c["var"], state_c["sam_steps"]) == (state_a["mu"], state_a["var"], state_a["sam_steps"])
+    with pytest.raises(ValueError, match="AESAM"):  # another method's checkpoint is refused
         opt_c.load_state_dict(snp.SAM([np.zeros(5)], base="sgd", lr=0.05, momentum=0.9).state_dict())
+
+
+def test_both_fronts_run_the_same_rule_on_the_same_gradients():
+    """The numpy front and the torch front (``backend="rust"``, the same kernels) given the same
+    gradients take the same steps, SAM and plain alike, bit for bit."""
+    data = regression()
+    kw = dict(total_steps=len(data), rho=0.1, lr=0.05, momentum=0.9)
+    w_np = np.zeros(5)
+    fired_np = numpy_steps(snp.AESAM([w_np], **kw), w_np, data)
+    w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    opt = sharpness.AESAM([w], torch.optim.SGD, backend="rust", **kw)
+    fired = []
+    for X, y in data:
+
+        def closure(X=X, y=y):
+            opt.zero_grad()
+            loss, g = grad_of(w.detach().numpy(), X, y)
+            w.grad = torch.from_numpy(g)
+            return torch.tensor(loss)
+
+        before = opt.sam_state["sam_steps"]
+        opt.step(closure)
+        fired.append(opt.sam_state["sam_steps"] > before)
+    assert fired == fired_np and 0 < sum(fired) < len(fired)
+    assert np.array_equal(w.detach().numpy(), w_np)

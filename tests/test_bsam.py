@@ -1,17 +1,22 @@
 """Bayesian SAM against a per-tensor reference written here from the paper's Algorithm 1
 (Möllenhoff & Khan, ICLR 2023, arXiv:2210.01620), with the same noise stream; its ρ = 0 limit,
-the posterior sample, and checkpoints that carry the optimizer's generator."""
+the posterior sample, and checkpoints that carry the optimizer's generator; on the numpy front too
+(the same rule), against a per-array reference and against the torch front on the same noise."""
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from _family import batches, grads_at, loss_of, make_model, run
+from _numpy_family import SoftmaxRegression, add, assert_arrays, copies, torch_closure, torch_params
 
 import sharpness
+from sharpness import numpy as snp
 
 BACKENDS = ["rust", "torch"]
 HYPER = dict(lr=0.05, rho=0.05, betas=(0.9, 0.999), weight_decay=1e-3, damping=0.1, s_init=1.0)
@@ -144,3 +149,281 @@ def test_bad_arguments():
         sharpness.BayesianSAM(make_model().parameters(), num_data=0)
     with pytest.raises(ValueError):
         sharpness.BayesianSAM(make_model().parameters(), num_data=10, s_init=0.0)
+
+
+def test_adaptive_is_refused_on_both_fronts():
+    with pytest.raises(ValueError, match="adaptive"):
+        sharpness.BayesianSAM(make_model().parameters(), num_data=10, adaptive=True)
+    with pytest.raises(ValueError, match="adaptive"):
+        snp.BayesianSAM([np.zeros(3)], num_data=10, adaptive=True)
+
+
+def test_a_checkpoint_without_the_generator_is_refused():
+    """The resumed noise comes from the saved generator: a dict without it would resume with other noise."""
+    model = make_model()
+    opt = sharpness.BayesianSAM(model.parameters(), num_data=N_DATA, seed=0)
+    run(opt, model, batches(1))
+    sd = opt.state_dict()
+    del sd["sam"]["generator"]
+    with pytest.raises(ValueError, match="generator"):
+        sharpness.BayesianSAM(make_model().parameters(), num_data=N_DATA).load_state_dict(sd)
+
+
+# == the numpy front (sharpness.numpy.BayesianSAM: the same rule over numpy arrays) ================
+
+PROBLEM = SoftmaxRegression(n_rows=48, n_in=5, n_classes=4, batch=24, stride=11)
+make_problem, loss_and_grads = PROBLEM.make_problem, PROBLEM.loss_and_grads
+batch_rows, grad_fn_for = PROBLEM.batch_rows, PROBLEM.grad_fn_for
+STEPS = 25
+BSAM = dict(lr=0.05, rho=0.05, betas=(0.9, 0.999), weight_decay=1e-3, damping=0.1, s_init=1.0)
+
+
+def run_numpy(opt, X, labels, steps, start=0):
+    for t in range(start, start + steps):
+        opt.step(grad_fn_for(X, labels, t))
+
+
+def run_torch(opt, tparams, X, labels, steps):
+    """The torch front on the same gradients, computed in numpy from its current weights."""
+    for t in range(steps):
+        opt.step(torch_closure(tparams, grad_fn_for(X, labels, t)))
+
+
+def reference_bsam_numpy(X, labels, w, steps, seed, num_data, lr, rho, betas, weight_decay, damping, s_init):
+    """Möllenhoff & Khan 2023, Algorithm 1; the noise: one standard_normal over all (float64)
+    arrays in order, per step, from numpy.random.default_rng(seed)."""
+    w = copies(w)
+    rng = np.random.default_rng(seed)
+    b1, b2 = betas
+    S = [np.full_like(x, s_init) for x in w]
+    GM = [np.zeros_like(x) for x in w]
+    sizes = [x.size for x in w]
+    for t in range(steps):
+        z = rng.standard_normal(sum(sizes))
+        parts = np.split(z, np.cumsum(sizes)[:-1])
+        eps = [zi.reshape(x.shape) / np.sqrt(num_data * s) for zi, x, s in zip(parts, w, S)]
+        _, g = loss_and_grads(X, labels, add(w, eps), batch_rows(t))
+        _, ge = loss_and_grads(X, labels, [x + rho * gi / s for x, gi, s in zip(w, g, S)], batch_rows(t))
+        for i in range(len(w)):
+            GM[i] = b1 * GM[i] + (1 - b1) * (ge[i] + weight_decay * w[i])
+            S[i] = b2 * S[i] + (1 - b2) * (np.sqrt(S[i]) * np.abs(g[i]) + weight_decay + damping)
+            w[i] = w[i] - lr * GM[i] / S[i]
+    return w, S
+
+
+def scales(opt, n):
+    return [opt.state[i]["bsam_s"] for i in range(n)]
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.0])
+def test_numpy_bayesian_sam_matches_algorithm_1(rho):
+    X, labels, w = make_problem()
+    hyper = dict(BSAM, rho=rho)
+    expected, s_ref = reference_bsam_numpy(X, labels, w, STEPS, 7, 200, **hyper)
+    opt = snp.BayesianSAM(w, num_data=200, seed=7, **hyper)
+    run_numpy(opt, X, labels, STEPS)
+    assert_arrays(w, expected)
+    assert_arrays(scales(opt, 2), s_ref)
+    assert not np.array_equal(scales(opt, 2)[0], np.ones_like(w[0]))  # the scale adapted
+    assert_arrays(opt.posterior_std()[0], [1 / np.sqrt(200 * s) for s in s_ref])
+
+
+class TorchNoise:
+    """Stands in for the numpy Generator: the torch front's draws (one randn over the arrays of a
+    dtype, in order, from torch.Generator().manual_seed(seed)), so both fronts use one noise."""
+
+    def __init__(self, seed):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def standard_normal(self, n, dtype):
+        return torch.randn(n, generator=self.g, dtype=torch.float32 if dtype == np.float32 else torch.float64).numpy()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_bayesian_sam_follows_the_torch_front_on_the_same_noise(dtype):
+    """The same rule on both fronts, the same gradients and noise (backend="rust"): the same
+    trajectory, to the rounding of torch's CPU square root (numpy's is correctly rounded)."""
+    X, labels, w = make_problem(dtype)
+    tparams = torch_params(w)
+    opt = snp.BayesianSAM(w, num_data=200, **BSAM)
+    opt.generator = TorchNoise(5)
+    run_numpy(opt, X, labels, 20)
+    topt = sharpness.BayesianSAM(tparams, num_data=200, seed=5, backend="rust", **BSAM)
+    run_torch(topt, tparams, X, labels, 20)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-13)
+    assert_arrays(w, tparams, **tol)
+    assert_arrays(scales(opt, 2), [topt.state[p]["bsam_s"] for p in tparams], **tol)
+    assert_arrays(opt.posterior_std()[0], topt.posterior_std()[0], **tol)
+
+
+def test_numpy_state_dict_round_trip_mid_run():
+    X, labels, w0 = make_problem(np.float32)
+    kw = dict(num_data=200, seed=3, **BSAM)
+    a = copies(w0)
+    run_numpy(snp.BayesianSAM(a, **kw), X, labels, 14)
+    b = copies(w0)
+    opt_b = snp.BayesianSAM(b, **kw)
+    run_numpy(opt_b, X, labels, 6)
+    sd = copy.deepcopy(opt_b.state_dict())
+    snapshot = copies(b)
+    run_numpy(opt_b, X, labels, 2, start=6)  # later steps leave the saved dict alone
+    c = copies(snapshot)
+    opt_c = snp.BayesianSAM(c, **dict(kw, seed=99))  # the generator comes from the checkpoint
+    opt_c.load_state_dict(sd)
+    run_numpy(opt_c, X, labels, 8, start=6)
+    assert_arrays(a, c, exact=True)
+
+
+def test_numpy_a_nonfinite_norm_never_reaches_the_weights():
+    X, labels, w = make_problem(np.float32)
+    opt = snp.BayesianSAM(w, num_data=100, seed=0, **BSAM)
+    run_numpy(opt, X, labels, 3)
+    before = copies(w)
+    s_before = copies(scales(opt, 2))
+    _, g = loss_and_grads(X, labels, w)
+    bad = copies(g)
+    bad[0][0, 0] = np.inf
+    opt.begin_step()
+    assert opt.first_step(bad)
+    assert not math.isfinite(opt.last_grad_norm)
+    assert_arrays(w, before, exact=True)  # nothing moved: back from the sample
+    assert_arrays(scales(opt, 2), s_before, exact=True)  # s kept
+    opt.second_step(g)  # the update with finite gradients
+    assert all(np.isfinite(a).all() for a in w)
+    assert opt.state_dict()["sam"]["stats"]["nonfinite_skips"] == 1
+
+
+def test_numpy_exceptions_restore_the_weights_and_grads_are_left_alone():
+    X, labels, w = make_problem(np.float32)
+    opt = snp.BayesianSAM(w, num_data=100, seed=0, **BSAM)
+    seen = []
+
+    def grad_fn(params):
+        loss, grads = loss_and_grads(X, labels, params)
+        seen.append((copies(grads), grads))
+        return loss, grads
+
+    for _ in range(3):
+        opt.step(grad_fn)
+    for kept, given in seen:
+        assert_arrays(kept, given, exact=True)
+    before = copies(w)
+    calls = []
+
+    def failing(params):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("boom")
+        return loss_and_grads(X, labels, params)
+
+    with pytest.raises(KeyError):
+        opt.step(failing)
+    assert_arrays(w, before, exact=True)
+    assert not opt.perturbed
+
+    def failing_first(params):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        opt.step(failing_first)  # raised at the posterior sample
+    assert_arrays(w, before, exact=True)
+    opt.step(grad_fn)  # and the optimizer still works
+
+
+def test_numpy_mixed_dtypes_run_per_dtype():
+    X, labels, w = make_problem(np.float64)
+    mixed = [w[0].copy(), w[1].astype(np.float32)]
+    arrays = copies(mixed)
+    opt = snp.BayesianSAM(arrays, num_data=100, seed=0)
+    for t in range(4):
+        opt.step(
+            lambda p, t=t: (
+                0.0,
+                [
+                    x.astype(a.dtype)
+                    for x, a in zip(loss_and_grads(X, labels, [q.astype(np.float64) for q in p], batch_rows(t))[1], p)
+                ],
+            )
+        )
+    assert [a.dtype for a in arrays] == [np.float64, np.float32]
+    assert not np.array_equal(arrays[0], mixed[0])
+    assert [s.dtype for s in scales(opt, 2)] == [np.float64, np.float32]
+
+
+def test_numpy_bad_arguments():
+    w = [np.zeros(3)]
+    with pytest.raises(ValueError, match="num_data"):
+        snp.BayesianSAM(w, num_data=0)
+    with pytest.raises(ValueError, match="s_init"):
+        snp.BayesianSAM(w, num_data=10, s_init=0.0)
+    with pytest.raises(ValueError, match="damping"):
+        snp.BayesianSAM(w, num_data=10, damping=-1.0)
+    with pytest.raises(TypeError, match="seed"):
+        snp.BayesianSAM(w, num_data=10, seed=1.5)
+    with pytest.raises(TypeError, match="dtype"):
+        snp.BayesianSAM([np.zeros(3, dtype=np.int64)], num_data=10)
+    with pytest.raises(TypeError, match="not one array"):
+        snp.BayesianSAM(np.zeros(3), num_data=10)
+    with pytest.raises(ValueError, match="empty"):
+        snp.BayesianSAM([], num_data=10)
+    with pytest.raises(TypeError, match="takes no base"):  # its own update: no base optimizer
+        snp.BayesianSAM(w, num_data=10, base="adam")
+
+
+def test_numpy_protocol_and_input_errors():
+    w = [np.zeros((2, 3)), np.zeros(3)]
+    opt = snp.BayesianSAM(w, num_data=100, seed=0, **BSAM)
+    g = [np.ones((2, 3)), np.ones(3)]
+    with pytest.raises(RuntimeError, match="first_step|begin_step"):
+        opt.second_step(g)
+    with pytest.raises(RuntimeError, match="begin_step"):
+        opt.first_step(g)
+    opt.begin_step()
+    with pytest.raises(RuntimeError, match="begin_step"):
+        opt.begin_step()
+    with pytest.raises(ValueError, match="gradient arrays for 2 parameters"):
+        opt.first_step(g[:1])
+    with pytest.raises(TypeError, match=r"grads\[1\] has dtype float32"):
+        opt.first_step([g[0], g[1].astype(np.float32)])
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape"):
+        opt.first_step([np.ones(6), g[1]])
+    with pytest.raises(TypeError, match="not one array"):
+        opt.first_step(np.ones(3))
+    with pytest.raises(RuntimeError, match="state_dict"):  # at the posterior sample
+        opt.state_dict()
+    opt.first_step(g)
+    with pytest.raises(RuntimeError, match="twice|begin_step"):
+        opt.first_step(g)
+    with pytest.raises(RuntimeError):
+        opt.state_dict()
+    with pytest.raises(RuntimeError):
+        opt.load_state_dict({})
+    opt.second_step(g)
+    sd = opt.state_dict()
+    with pytest.raises(TypeError, match="dict"):
+        opt.load_state_dict([sd])
+    broken = copy.deepcopy(sd)
+    broken["state"][0]["bsam_s"] = np.zeros(5)  # a state array of the wrong shape
+    with pytest.raises(ValueError):
+        opt.load_state_dict(broken)
+    opt.load_state_dict(sd)
+
+
+def test_numpy_load_refuses_another_methods_state():
+    w = [np.zeros(3)]
+    with pytest.raises(ValueError, match="AdaSAM"):
+        snp.BayesianSAM(w, num_data=10).load_state_dict(snp.AdaSAM([np.zeros(3)]).state_dict())
+    with pytest.raises(ValueError, match="generator"):
+        sd = snp.BayesianSAM([np.zeros(3)], num_data=10).state_dict()
+        del sd["sam"]["generator"]
+        snp.BayesianSAM(w, num_data=10).load_state_dict(sd)
+
+
+def test_the_noise_is_drawn_from_the_fronts_generator_only():
+    """The engines' elementwise "noise" never falls back on a global generator."""
+    engines = sharpness.BayesianSAM(make_model().parameters(), num_data=10, backend="rust").engines()
+    engines += sharpness.BayesianSAM(make_model().parameters(), num_data=10, backend="torch").engines()
+    engines += snp.BayesianSAM([np.zeros(3)], num_data=10).engines()
+    for engine in engines:
+        with pytest.raises(ValueError, match="generator"):
+            engine.elementwise(lambda xp, gi, w, z: None, ["weights", "noise"], {}, every=True)

@@ -94,7 +94,7 @@ METHODS = {
     "esam": (lambda p, b, e, **kw: sharpness.ESAM(p, b, beta=0.6, gamma=0.5, rho=0.1, seed=0, backend=e, **kw), "per_sample"),
     "sampa": (lambda p, b, e, **kw: sharpness.SAMPa(p, b, rho=0.1, lam=0.2, backend=e, **kw), "closure"),
     "gsam": (lambda p, b, e, **kw: sharpness.GSAM(p, b, rho=0.1, rho_min=0.02, alpha=0.3, backend=e, **kw), "closure"),
-    "friendly": (lambda p, b, e, **kw: sharpness.FriendlySAM(p, b, rho=0.1, sigma=1.0, lmbda=0.9, backend=e, **kw), "closure"),
+    "friendly": (lambda p, b, e, **kw: sharpness.FriendlySAM(p, b, rho=0.1, sigma=1.0, lam=0.9, backend=e, **kw), "closure"),
     "wsam": (lambda p, b, e, **kw: sharpness.WSAM(p, b, rho=0.1, gamma=0.9, backend=e, **kw), "closure"),
     "rsam": (lambda p, b, e, **kw: sharpness.RandomSAM(p, b, rho=0.1, sigma=0.05, seed=0, backend=e, **kw), "closure"),
     "monge": (lambda p, b, e, **kw: sharpness.MongeSAM(p, b, rho=0.1, backend=e, **kw), "closure"),

@@ -194,7 +194,7 @@ FAMILY = {
     "aesam": lambda ps: sharpness.AESAM(ps, torch.optim.SGD, total_steps=STEPS, rho=0.1, lr=0.1, momentum=0.9),
     "sampa": lambda ps: sharpness.SAMPa(ps, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9),
     "gsam": lambda ps: sharpness.GSAM(ps, torch.optim.SGD, rho=0.1, rho_min=0.02, alpha=0.3, lr=0.1, momentum=0.9),
-    "friendly": lambda ps: sharpness.FriendlySAM(ps, torch.optim.SGD, rho=0.1, sigma=1.0, lmbda=0.9, lr=0.1),
+    "friendly": lambda ps: sharpness.FriendlySAM(ps, torch.optim.SGD, rho=0.1, sigma=1.0, lam=0.9, lr=0.1),
     "wsam": lambda ps: sharpness.WSAM(ps, torch.optim.SGD, rho=0.1, gamma=0.9, lr=0.1, momentum=0.9),
     "monge": lambda ps: sharpness.MongeSAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
     "gam": lambda ps: sharpness.GAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
@@ -205,6 +205,7 @@ FAMILY = {
     "lightsam-adagrad": lambda ps: sharpness.LightSAM(ps, lr=0.1, rho=0.1, variant="adagrad"),
     "adasam": lambda ps: sharpness.AdaSAM(ps, lr=1e-2, rho=0.1),
     "bsam": lambda ps: sharpness.BayesianSAM(ps, num_data=64, lr=0.1, rho=0.05, seed=0),
+    "rsam": lambda ps: sharpness.RandomSAM(ps, torch.optim.SGD, rho=0.1, sigma=0.01, lr=0.1, seed=0),
 }
 
 
@@ -383,7 +384,7 @@ def fsdp_family(tmp_path_factory):
 
 
 # Methods that rank or draw over whole tensors: refused on shards with a clear error.
-REFUSED_ON_SHARDS = {"ssamf", "bsam"}
+REFUSED_ON_SHARDS = {"ssamf", "bsam", "rsam"}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY))

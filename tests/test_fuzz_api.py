@@ -82,7 +82,7 @@ KERNELS = {
     "sum_of_squares_adaptive": ("rr", {"eta": 0.01}),
     "perturb": ("wrw", {"scale": 0.3}),
     "perturb_adaptive": ("wrw", {"scale": 0.3, "eta": 0.01}),
-    "restore": ("wr", {}),
+    "copy": ("rw", {}),
     "dot": ("rr", {}),
     "axpby": ("rw", {"alpha": 0.5, "beta": -1.25}),
     "any_nonzero": ("r", {}),
@@ -193,22 +193,19 @@ def check_result(name, dtype, before, args, result):
         np.testing.assert_allclose(result, ref, rtol=1e-5 if dtype != "float64" else 1e-9)
     elif name == "any_nonzero":
         assert result == [bool(np.any((x != 0) | np.isnan(x))) for x in before[0]]
-    elif name in ("restore", "perturb", "perturb_adaptive"):
-        if name == "restore":
-            refs = before[1]
+    elif name == "copy":
+        for got, ref in zip(after[1], before[0]):  # dst: src bit for bit
+            np.testing.assert_array_equal(got, ref)
+    elif name in ("perturb", "perturb_adaptive"):
+        for b, w0 in zip(after[2], before[0]):  # backups: bit for bit
+            np.testing.assert_array_equal(b, w0)
+        if name == "perturb":
+            refs = [w + 0.3 * g for w, g in zip(before[0], before[1])]
+            mags = [np.abs(w) + np.abs(0.3 * g) for w, g in zip(before[0], before[1])]
         else:
-            for b, w0 in zip(after[2], before[0]):  # backups: bit for bit
-                np.testing.assert_array_equal(b, w0)
-            if name == "perturb":
-                refs = [w + 0.3 * g for w, g in zip(before[0], before[1])]
-                mags = [np.abs(w) + np.abs(0.3 * g) for w, g in zip(before[0], before[1])]
-            else:
-                refs = [w + 0.3 * (np.abs(w) + 0.01) ** 2 * g for w, g in zip(before[0], before[1])]
-                mags = [np.abs(w) + np.abs(0.3 * (np.abs(w) + 0.01) ** 2 * g) for w, g in zip(before[0], before[1])]
+            refs = [w + 0.3 * (np.abs(w) + 0.01) ** 2 * g for w, g in zip(before[0], before[1])]
+            mags = [np.abs(w) + np.abs(0.3 * (np.abs(w) + 0.01) ** 2 * g) for w, g in zip(before[0], before[1])]
         for i, (got, ref) in enumerate(zip(after[0], refs)):
-            if name == "restore":
-                np.testing.assert_array_equal(got, ref)
-                continue
             finite = np.isfinite(ref) & np.isfinite(mags[i]) & (mags[i] < big(dtype))
             assert not np.isfinite(got[~np.isfinite(ref)]).any()
             assert np.all(np.abs(got - ref)[finite] <= 4 * tol * mags[i][finite] + tiny(dtype))

@@ -245,7 +245,7 @@ def check_perturb_and_restore(dt: DType, n: int, seed: int, scale: float, eta: f
             want = perturb_reference(dt, w0, g, scale)
         assert_same(w, want, f"{dt} perturb(adaptive={adaptive})")
         assert_same(backup, w0, f"{dt} backup of perturb(adaptive={adaptive})")
-        _core.restore(w, backup)
+        _core.copy(backup, w)
         assert_same(w, w0, f"{dt} restore after perturb(adaptive={adaptive})")
 
 
@@ -463,7 +463,7 @@ def test_list_of_arrays_equals_flat_buffer(dt, n, seed, cuts, shapes, copy):
         kernel(wl, L(g), bl, *args)
         assert_same(flat(wl), wf, f"list {kernel.__name__} weights")
         assert_same(flat(bl), bf, f"list {kernel.__name__} backups")
-        _core.restore(wl, bl)
+        _core.copy(bl, wl)
         assert_same(flat(wl), w, "list restore")
 
     sgd = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2, maximize=True)
@@ -486,7 +486,7 @@ def test_list_of_arrays_equals_flat_buffer(dt, n, seed, cuts, shapes, copy):
 def test_empty_lists():
     assert _core.sum_of_squares([]) == 0.0
     assert _core.sum_of_squares(np.zeros(0, np.float32)) == 0.0
-    _core.restore([], [])
+    _core.copy([], [])
     _core.perturb([], [], [], 1.0)
     _core.restore_sgd([], [], [], [], lr=0.1, momentum=0.9)
     _core.restore_adam([], [], [], [], [], step=1.0, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
@@ -515,7 +515,7 @@ def test_non_finite_values_follow_the_formulas(dt):
         b = np.empty_like(p)
         _core.perturb(w, g, b, 0.5)
         assert_same(w, perturb_reference(dt, p, g, 0.5), "perturb with non-finite values")
-        _core.restore(w, b)
+        _core.copy(b, w)
         assert w.tobytes() == p.tobytes()  # NaN payloads included
         h = dict(ADAM_DEFAULTS, amsgrad=True, step=3, weight_decay=0.1)
         m = dt.make(np.zeros(8))
@@ -638,7 +638,7 @@ def every_kernel(**arrays):
             ("weights", "grads", "backups"),
             lambda: _core.perturb_adaptive(a("weights"), a("grads"), a("backups"), 1.0, 0.01),
         ),
-        (("weights", "backups"), lambda: _core.restore(a("weights"), a("backups"))),
+        (("src", "dst"), lambda: _core.copy(a("src"), a("dst"))),
         (
             ("weights", "backups", "grads", "momentum_buffers"),
             lambda: _core.restore_sgd(a("weights"), a("backups"), a("grads"), a("momentum_buffers"), lr=0.1, momentum=0.9),
@@ -693,7 +693,7 @@ def test_mismatched_dtypes_raise_type_error():
     with pytest.raises(TypeError, match="one call takes one dtype"):
         _core.sum_of_squares([f32(), np.ones(3, np.float16)])
     with pytest.raises(TypeError, match="float16"):
-        _core.restore(np.ones(8, np.float16), np.ones(8, np.uint16))  # float16 vs bfloat16 storage
+        _core.copy(np.ones(8, np.uint16), np.ones(8, np.float16))  # float16 vs bfloat16 storage
     check()
 
 
@@ -704,8 +704,8 @@ def test_unsupported_dtypes_raise_type_error(dtype):
     check = untouched(bad, w)
     with pytest.raises(TypeError, match=r"has dtype .*the kernels take float32, float64, float16 or bfloat16 as raw uint16"):
         _core.sum_of_squares(bad)
-    with pytest.raises(TypeError, match=r"array 0 of `backups` has dtype"):
-        _core.restore(w, bad)
+    with pytest.raises(TypeError, match=r"array 0 of `src` has dtype"):
+        _core.copy(bad, w)
     check()
 
 
@@ -723,11 +723,11 @@ def test_non_arrays_raise_type_error():
 def test_mismatched_shapes_raise_value_error():
     w, b = f32(8), f32(7)
     check = untouched(w, b)
-    with pytest.raises(ValueError, match=r"array 0 of `backups` has shape \[7\] but array 0 of `weights` has shape \[8\]"):
-        _core.restore(w, b)
+    with pytest.raises(ValueError, match=r"array 0 of `src` has shape \[7\] but array 0 of `dst` has shape \[8\]"):
+        _core.copy(b, w)
     # Same size, different shape.
     with pytest.raises(ValueError, match=r"has shape \[2, 4\]"):
-        _core.restore(w, np.ones((2, 4), np.float32))
+        _core.copy(np.ones((2, 4), np.float32), w)
     # Second array of a list.
     w2 = [f32(3), f32(5)]
     with pytest.raises(ValueError, match=r"array 1 of `grads` has shape \[4\] but array 1 of `weights` has shape \[5\]"):
@@ -738,15 +738,15 @@ def test_mismatched_shapes_raise_value_error():
 def test_mismatched_list_lengths_raise_value_error():
     w = [f32(3), f32(4)]
     check = untouched(*w)
-    with pytest.raises(ValueError, match=r"`backups` holds 1 arrays but `weights` holds 2"):
-        _core.restore(w, [f32(3)])
+    with pytest.raises(ValueError, match=r"`src` holds 1 arrays but `dst` holds 2"):
+        _core.copy([f32(3)], w)
     with pytest.raises(ValueError, match=r"`grads` holds 3 arrays but `weights` holds 2"):
         _core.perturb(w, [f32(3), f32(4), f32(1)], [f32(3), f32(4)], 1.0)
     with pytest.raises(ValueError, match=r"`momentum_buffers` holds 1 arrays"):
         _core.restore_sgd(w, [f32(3), f32(4)], [f32(3), f32(4)], [f32(3)], lr=0.1, momentum=0.9)
     # A single array where a list is expected counts as a list of one.
-    with pytest.raises(ValueError, match=r"holds 1 arrays but `weights` holds 2"):
-        _core.restore(w, f32(3))
+    with pytest.raises(ValueError, match=r"holds 1 arrays but `dst` holds 2"):
+        _core.copy(f32(3), w)
     check()
 
 
@@ -760,8 +760,8 @@ def test_non_contiguous_arrays_raise_value_error():
         _core.sum_of_squares(strided)
     with pytest.raises(ValueError, match="not C-contiguous"):
         _core.perturb(w, strided, b, 1.0)
-    with pytest.raises(ValueError, match=r"array 0 of `weights` is not C-contiguous"):
-        _core.restore(fortran, np.ones((4, 2), np.float32))
+    with pytest.raises(ValueError, match=r"array 0 of `dst` is not C-contiguous"):
+        _core.copy(np.ones((4, 2), np.float32), fortran)
     check()
 
 
@@ -770,8 +770,8 @@ def test_misaligned_arrays_raise_value_error():
     odd = np.frombuffer(raw, dtype=np.float32, count=8, offset=1)
     assert not odd.flags.aligned
     w = f32()
-    with pytest.raises(ValueError, match=r"array 0 of `backups` is not aligned to its dtype"):
-        _core.restore(w, odd)
+    with pytest.raises(ValueError, match=r"array 0 of `src` is not aligned to its dtype"):
+        _core.copy(odd, w)
     assert (w == 1).all()
 
 
@@ -794,7 +794,7 @@ def test_read_only_outputs_raise_value_error():
     # Arguments that are only read may be read-only.
     _core.perturb(w, frozen, b, 1.0)
     assert (w == 6.0).all() and (b == 1.0).all()
-    _core.restore(w, frozen)
+    _core.copy(frozen, w)
     assert (w == 5.0).all()
 
 
@@ -804,15 +804,15 @@ def test_aliased_outputs_raise_value_error():
     with pytest.raises(ValueError, match=r"`weights` and `backups` share memory"):
         _core.perturb(a, g, a, 1.0)
     with pytest.raises(ValueError, match="share memory"):
-        _core.restore(a, a)
+        _core.copy(a, a)
     with pytest.raises(ValueError, match=r"`weights` and `grads` share memory|`grads` and `weights` share memory"):
         _core.perturb(a, a, f32(16), 1.0)
     # Overlapping views of one base array.
     with pytest.raises(ValueError, match="share memory"):
-        _core.restore(a[0:8], a[4:12])
+        _core.copy(a[4:12], a[0:8])
     # The same array twice in one written list.
-    with pytest.raises(ValueError, match=r"`weights` and `weights` share memory"):
-        _core.restore([a, a], [g, g])
+    with pytest.raises(ValueError, match=r"`dst` and `dst` share memory"):
+        _core.copy([g, g], [a, a])
     with pytest.raises(ValueError, match="share memory"):
         _core.restore_sgd(a, f32(16), g, a, lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="share memory"):
@@ -821,7 +821,7 @@ def test_aliased_outputs_raise_value_error():
         _core.restore_adam(f32(16), f32(16), g, f32(16), a, a[::1], amsgrad=True, **ADAM_KW)
     check()
     # Disjoint views of one base are fine, and arrays that are only read may overlap each other.
-    _core.restore(a[0:8], a[8:16])
+    _core.copy(a[8:16], a[0:8])
     assert _core.sum_of_squares_adaptive(g, g, 0.0) == pytest.approx(16 * 16.0)
     _core.perturb(a, g, f32(16), 1.0)
 
@@ -833,16 +833,16 @@ def test_arrays_over_one_torch_storage_raise_value_error():
     head, middle = t[:16].numpy(), t[8:24].numpy()
     g = f32(16)
     check = untouched(first, g)
-    with pytest.raises(ValueError, match=r"`weights` and `backups` share memory|`backups` and `weights` share memory"):
-        _core.restore(first, second)
+    with pytest.raises(ValueError, match=r"`dst` and `src` share memory|`src` and `dst` share memory"):
+        _core.copy(second, first)
     with pytest.raises(ValueError, match="share memory"):
         _core.perturb(head, g, middle, 1.0)
     bf = torch.zeros(16, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="share memory"):
-        _core.restore(bf.view(torch.uint16).numpy(), bf.view(torch.uint16).numpy())
+        _core.copy(bf.view(torch.uint16).numpy(), bf.view(torch.uint16).numpy())
     check()
     # Disjoint slices of one storage are fine.
-    _core.restore(t[:16].numpy(), t[16:].numpy())
+    _core.copy(t[16:].numpy(), t[:16].numpy())
     assert (t[:16] == t[16:]).all()
 
 

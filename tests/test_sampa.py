@@ -7,11 +7,14 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from _family import assert_close, assert_equal, batches, grads_at, loss_of, make_model
+from _numpy_family import SGDRef, assert_arrays, dot, torch_closure, torch_params
 
 import sharpness
+from sharpness import numpy as snp
 
 
 def flat_dot(a, b):
@@ -211,7 +214,7 @@ def test_two_closures_give_the_official_batch_pairing():
 
             return closure
 
-        opt.step(make(px, py), closure_y=make(x, y))
+        opt.step(make(px, py), make(x, y))  # the second closure gives ∇f(y_{t+1})
     assert_close(ref, mine)
 
 
@@ -242,7 +245,8 @@ def test_state_dict_round_trip_mid_run(backend, base, kwargs):
     torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    assert all("sampa_grad_y" in s for s in ckpt["opt"]["state"].values())
+    saved_gy = ckpt["opt"]["sam"]["vectors"]["sampa_grad_y"]  # ∇f(y_7), for every parameter
+    assert len(saved_gy) == len(list(b.parameters())) and all(bool(v.abs().sum() > 0) for v in saved_gy.values())
     c = make_model(seed=5)
     opt_c = sharpness.SAMPa(c.parameters(), base, rho=0.1, lam=0.2, backend=backend, **kwargs)
     c.load_state_dict(ckpt["model"])
@@ -277,6 +281,31 @@ def test_an_exception_in_the_closure_leaves_x_t(backend):
     opt.step(lambda: loss_of(model, x, y).backward())  # usable afterwards
 
 
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_a_gradient_first_step_cannot_take_leaves_x_t(backend):
+    """step(closure): a gradient at y that first_step refuses (sparse) raises with the weights back
+    at x_t and nothing pending (begin_step had moved them to y)."""
+    model = make_model()
+    opt = sharpness.SAMPa(model.parameters(), torch.optim.SGD, rho=0.1, lam=0.2, lr=0.05, backend=backend)
+    run(opt, model, batches(3), "closure")  # ∇f(y) ≠ 0: y differs from x_t
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batches(1, seed=9)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        first = next(model.parameters())
+        first.grad = first.grad.detach().to_sparse()
+        return loss
+
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step(closure)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    assert not opt.restore()  # nothing left pending
+
+
 def test_hooks_fire_once_per_step_and_misuse_is_refused():
     model = make_model()
     opt = sharpness.SAMPa(model.parameters(), torch.optim.SGD, lr=0.05)
@@ -302,6 +331,11 @@ def test_hooks_fire_once_per_step_and_misuse_is_refused():
         sharpness.SAMPa(model.parameters(), torch.optim.SGD, lam=1.5, lr=0.1)
     with pytest.raises(ValueError, match="adaptive"):
         sharpness.SAMPa(model.parameters(), torch.optim.SGD, adaptive=True, lr=0.1)
+    # begin_step() belongs to the steps that take their first gradient elsewhere than at w
+    with pytest.raises(RuntimeError, match="begin_step"):
+        sharpness.SAM(model.parameters(), torch.optim.SGD, lr=0.1).begin_step()
+    with pytest.raises(RuntimeError, match="begin_step"):
+        snp.SAM([np.zeros(2)], lr=0.1).begin_step()
 
 
 # -- non-finite ∇f(y) -----------------------------------------------------------------------------
@@ -370,10 +404,224 @@ def test_a_nonfinite_gradient_at_y_is_skipped_and_the_run_recovers(backend, api,
             opt.first_step(zero_grad=True)
             loss_of(mine, x, y).backward()
             opt.second_step(zero_grad=True)
-        kept = [opt.state[p]["sampa_grad_y"] for p in params if "sampa_grad_y" in opt.state[p]]
+        kept = [opt.vectors[p]["sampa_grad_y"] for p in params if "sampa_grad_y" in opt.vectors[p]]
         assert all(bool(torch.isfinite(g).all()) for g in kept), f"a non-finite ∇f(y) was kept at step {t}"
         assert math.isfinite(opt.sam_state["grad_y_norm"])
         assert all(bool(torch.isfinite(p).all()) for p in params)
     assert opt.stats["nonfinite_skips"] == len(bad)
     assert opt.stats["steps"] == len(data)
     assert_close(ref, mine)
+
+
+# == the numpy front (sharpness.numpy.SAMPa: the same rule, numpy arrays) ===========================
+# A small non-convex problem with hand-written gradients: pred = tanh(X W) v.
+
+
+def np_problem(dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(40, 4)).astype(dtype)
+    y = rng.normal(size=40).astype(dtype)
+    W = (0.5 * rng.normal(size=(4, 3))).astype(dtype)
+    v = (0.5 * rng.normal(size=3)).astype(dtype)
+    return X, y, [W, v]
+
+
+def np_loss_and_grads(X, y, params, rows=None):
+    W, v = params
+    if rows is not None:
+        X, y = X[rows], y[rows]
+    h = np.tanh(X @ W)
+    r = h @ v - y
+    n = len(y)
+    dv = h.T @ r / n
+    dW = X.T @ (np.outer(r, v) / n * (1 - h * h))
+    return float(0.5 * np.mean(r * r)), [dW.astype(W.dtype), dv.astype(v.dtype)]
+
+
+def batch_rows(t):
+    return np.arange(40)[(t * 7) % 40 :][:20] if (t * 7) % 40 <= 20 else np.arange(20)
+
+
+def grad_fn_for(X, y, t):
+    return lambda params: np_loss_and_grads(X, y, params, batch_rows(t))
+
+
+def run_numpy(opt, X, y, steps, start=0):
+    for t in range(start, start + steps):
+        opt.step(grad_fn_for(X, y, t))
+
+
+def np_reference_sampa(X, y, w, steps, rho, lam, base):
+    """Per array, float64, from the paper (∇f(y_0) = 0); ``base`` steps with the combined gradient."""
+    w = [p.astype(np.float64) for p in w]
+    gy = [np.zeros_like(p) for p in w]
+    for t in range(steps):
+        norm = math.sqrt(dot(gy, gy))
+        _, g_next = np_loss_and_grads(X, y, [a - base.lr * b for a, b in zip(w, gy)], batch_rows(t))
+        _, g_x = np_loss_and_grads(X, y, [a + rho / (norm + 1e-12) * b for a, b in zip(w, gy)], batch_rows(t))
+        w = base.step(w, [(1 - lam) * a + lam * b for a, b in zip(g_x, g_next)])
+        gy = g_next
+    return w
+
+
+@pytest.mark.parametrize("rho, lam", [(0.1, 0.2), (0.3, 0.0), (0.05, 1.0)])
+def test_numpy_sampa_matches_the_paper(rho, lam):
+    X, y, w = np_problem(np.float64)
+    expected = np_reference_sampa(X, y, w, 25, rho, lam, SGDRef(0.1))
+    opt = snp.SAMPa(w, rho=rho, lam=lam, lr=0.1)
+    run_numpy(opt, X, y, 25)
+    assert_arrays(w, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_numpy_sampa_with_momentum_feeds_the_combined_gradient():
+    X, y, w = np_problem(np.float64)
+    expected = np_reference_sampa(X, y, w, 25, 0.1, 0.2, SGDRef(0.05, 0.9))
+    opt = snp.SAMPa(w, rho=0.1, lam=0.2, lr=0.05, momentum=0.9)
+    run_numpy(opt, X, y, 25)
+    assert_arrays(w, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "np_base, torch_base, base_kw",
+    [
+        ("sgd", torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+        ("adamw", torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+    ],
+)
+@pytest.mark.parametrize("api", ["step", "three-call"])
+def test_the_numpy_front_follows_the_torch_front(np_base, torch_base, base_kw, api):
+    """The same rule on the same gradients (``backend="rust"``: the same kernels), bit for bit."""
+    X, y, w = np_problem(np.float32)
+    tparams = torch_params(w)
+    opt = snp.SAMPa(w, rho=0.1, lam=0.2, base=np_base, **base_kw)
+    topt = sharpness.SAMPa(tparams, torch_base, rho=0.1, lam=0.2, backend="rust", **base_kw)
+    for t in range(24):
+        fn = grad_fn_for(X, y, t)
+        if api == "step":
+            opt.step(fn)
+            topt.step(torch_closure(tparams, fn))
+        else:
+            opt.begin_step()
+            assert opt.first_step(fn(w)[1])
+            opt.second_step(fn(w)[1])
+            closure = torch_closure(tparams, fn)
+            topt.begin_step()
+            closure()
+            assert topt.first_step()
+            closure()
+            topt.second_step()
+    assert_arrays(w, tparams, exact=True)
+    assert opt.sam_state == topt.sam_state
+
+
+def test_numpy_sampa_lambda_zero_rho_zero_is_the_base_optimizer_bit_for_bit():
+    X, y, w0 = np_problem(np.float32)
+    a, b = [p.copy() for p in w0], [p.copy() for p in w0]
+    run_numpy(snp.SAMPa(a, rho=0.0, lam=0.0, lr=0.05, momentum=0.9), X, y, 15)
+    run_numpy(snp.SAM(b, rho=0.0, lr=0.05, momentum=0.9), X, y, 15)  # rho = 0: the base optimizer
+    assert_arrays(a, b, exact=True)
+
+
+def test_numpy_state_dict_round_trip_mid_run():
+    X, y, w0 = np_problem(np.float32)
+    kw = dict(rho=0.1, lam=0.2, lr=0.05, momentum=0.9)
+    a = [p.copy() for p in w0]
+    run_numpy(snp.SAMPa(a, **kw), X, y, 14)
+    b = [p.copy() for p in w0]
+    opt_b = snp.SAMPa(b, **kw)
+    run_numpy(opt_b, X, y, 6)  # ∇f(y) must survive
+    sd = copy.deepcopy(opt_b.state_dict())
+    c = [p.copy() for p in b]
+    opt_c = snp.SAMPa(c, **kw)
+    opt_c.load_state_dict(sd)
+    run_numpy(opt_c, X, y, 8, start=6)
+    assert_arrays(a, c, exact=True)
+
+
+def test_numpy_sampa_three_calls_two_grad_fns_and_errors():
+    X, y, w0 = np_problem(np.float32)
+    a, b = [p.copy() for p in w0], [p.copy() for p in w0]
+    opt_a = snp.SAMPa(a, rho=0.1, lam=0.2, lr=0.05)
+    opt_b = snp.SAMPa(b, rho=0.1, lam=0.2, lr=0.05)
+    for t in range(5):
+        opt_a.step(grad_fn_for(X, y, t + 1), grad_fn_for(X, y, t))  # the second: the gradient at y
+        opt_b.begin_step()
+        opt_b.first_step(grad_fn_for(X, y, t)(b)[1])
+        opt_b.second_step(grad_fn_for(X, y, t + 1)(b)[1])
+    assert_arrays(a, b, exact=True)
+    before = [p.copy() for p in a]
+
+    def failing(params):
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        opt_a.step(failing)
+    assert_arrays(a, before, exact=True)
+    with pytest.raises(RuntimeError, match="begin_step"):
+        opt_a.first_step(grad_fn_for(X, y, 0)(a)[1])
+    opt_a.begin_step()
+    with pytest.raises(RuntimeError, match="first_step"):
+        opt_a.second_step(grad_fn_for(X, y, 0)(a)[1])
+    with pytest.raises(RuntimeError):
+        opt_a.state_dict()
+    assert opt_a.restore()
+    assert_arrays(a, before, exact=True)
+    with pytest.raises(ValueError, match="lam"):
+        snp.SAMPa([np.zeros(2)], lam=2.0)
+    with pytest.raises(ValueError, match="adaptive"):
+        snp.SAMPa([np.zeros(2)], adaptive=True)
+    # gradients at y that first_step refuses (a wrong shape): back at x_t, nothing pending
+    opt_a.step(grad_fn_for(X, y, 0))  # ∇f(y) ≠ 0: y differs from x_t
+    before = [p.copy() for p in a]
+    with pytest.raises(ValueError, match="shape"):
+        opt_a.step(grad_fn_for(X, y, 1), lambda params: (0.0, [np.zeros((2, 2), np.float32), params[1]]))
+    assert_arrays(a, before, exact=True)
+    assert not opt_a.restore()
+
+
+def np_reference_sampa_skipping(X, y, w, steps, rho, lam, base, bad):
+    """``np_reference_sampa`` with ∇f(y_{t+1}) non-finite at the steps in ``bad``, skipped as
+    documented: not kept (∇f(y_t), the last finite one or the zero start, stays) and that step's
+    update is ∇f(x̃_t) alone."""
+    w = [p.astype(np.float64) for p in w]
+    gy = [np.zeros_like(p) for p in w]
+    for t in range(steps):
+        norm = math.sqrt(dot(gy, gy))
+        _, g_x = np_loss_and_grads(X, y, [a + rho / (norm + 1e-12) * b for a, b in zip(w, gy)], batch_rows(t))
+        if t in bad:
+            w = base.step(w, g_x)
+            continue
+        _, g_next = np_loss_and_grads(X, y, [a - base.lr * b for a, b in zip(w, gy)], batch_rows(t))
+        w = base.step(w, [(1 - lam) * a + lam * b for a, b in zip(g_x, g_next)])
+        gy = g_next
+    return w
+
+
+@pytest.mark.parametrize("api", ["step", "three-call"])
+@pytest.mark.parametrize("bad, value", [({0}, math.nan), ({4}, math.nan), ({3, 4, 9}, -math.inf)])
+def test_numpy_sampa_skips_a_nonfinite_gradient_at_y_and_recovers(api, bad, value):
+    X, y, w = np_problem(np.float64)
+    expected = np_reference_sampa_skipping(X, y, w, 14, 0.1, 0.2, SGDRef(0.05, 0.9), bad)
+    opt = snp.SAMPa(w, rho=0.1, lam=0.2, lr=0.05, momentum=0.9)
+    for t in range(14):
+
+        def grad_fn_y(params):
+            loss, grads = grad_fn_for(X, y, t)(params)
+            if t in bad:  # one non-finite entry in ∇f(y_{t+1})
+                grads[0].reshape(-1)[5] = value
+            return loss, grads
+
+        if api == "step":
+            opt.step(grad_fn_for(X, y, t), grad_fn_y)
+        else:
+            opt.begin_step()
+            assert opt.first_step(grad_fn_y(w)[1])
+            assert math.isfinite(opt.last_grad_norm) == (t not in bad)
+            opt.second_step(grad_fn_for(X, y, t)(w)[1])
+        sam = opt.state_dict()["sam"]
+        kept = sam["vectors"]["sampa_grad_y"].values()
+        assert all(np.isfinite(g).all() for g in kept), f"a non-finite ∇f(y) was kept at step {t}"
+        assert math.isfinite(sam["state"]["grad_y_norm"])
+        assert all(np.isfinite(p).all() for p in w)
+    assert opt.state_dict()["sam"]["stats"]["nonfinite_skips"] == len(bad)
+    assert_arrays(w, expected, rtol=1e-10, atol=1e-12)

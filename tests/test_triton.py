@@ -107,9 +107,9 @@ def test_perturb_and_restore_are_exact(dtype, eta):
         assert same(b, w0), form
         assert not same(w, w0)
         if form == "flat":
-            K.restore(w, b)
+            K.copy(b, w)
         else:
-            K.restore(split(w), split(b))
+            K.copy(split(b), split(w))
         assert same(w, w0), form
 
 
@@ -201,11 +201,11 @@ def test_flat_launches_split_at_alignment():
 def test_kernels_refuse_bad_arguments():
     w = torch.zeros(4)
     with pytest.raises(ValueError, match="share"):
-        K.restore(w, torch.zeros(5))
+        K.copy(torch.zeros(5), w)
     with pytest.raises(TypeError, match="Triton kernels take"):
-        K.restore(torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+        K.copy(torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="same number"):
-        K.restore([w], [w, w])
+        K.copy([w, w], [w])
     with pytest.raises(ValueError, match="momentum_buffers"):
         K.restore_sgd(w, None, w.clone(), None, lr=0.1, momentum=0.9)
 

@@ -60,8 +60,8 @@ TORCH = [
         {
             "total_steps": (10, 0, "int"),
             "delta": (0.9, 1.0, "real"),
-            "lambda1": (-1.0, math.inf, "real"),
-            "lambda2": (1.0, math.nan, "real"),
+            "lam1": (-1.0, math.inf, "real"),
+            "lam2": (1.0, math.nan, "real"),
         },
     ),
     (
@@ -137,13 +137,13 @@ TORCH = [
     (
         "FriendlySAM",
         lambda **kw: sharpness.FriendlySAM(_tparams(), SGD, lr=0.1, **kw),
-        {"sigma": (1.0, math.inf, "real"), "lmbda": (0.9, 1.5, "real")},
+        {"sigma": (1.0, math.inf, "real"), "lam": (0.9, 1.5, "real")},
     ),
     ("WSAM", lambda **kw: sharpness.WSAM(_tparams(), SGD, lr=0.1, **kw), {"gamma": (0.9, 1.0, "real")}),
     (
         "RandomSAM",
         lambda **kw: sharpness.RandomSAM(_tparams(), SGD, lr=0.1, **kw),
-        {"sigma": (1.5e-3, -1.0, "real"), "lambda_": (2.0, 0.0, "real")},
+        {"sigma": (1.5e-3, -1.0, "real"), "lam": (2.0, 0.0, "real")},
     ),
     (
         "MongeSAM",
@@ -210,8 +210,8 @@ NUMPY = [
         {
             "total_steps": (10, 0, "int"),
             "delta": (0.9, 1.0, "real"),
-            "lambda1": (-1.0, math.inf, "real"),
-            "lambda2": (1.0, math.nan, "real"),
+            "lam1": (-1.0, math.inf, "real"),
+            "lam2": (1.0, math.nan, "real"),
         },
     ),
     (
@@ -234,7 +234,7 @@ NUMPY = [
             "lr_min": (0.0, -1.0, "real"),
         },
     ),
-    ("FriendlySAM", lambda **kw: snp.FriendlySAM(_np(), **kw), {"sigma": (1.0, math.inf, "real"), "lmbda": (0.9, 1.5, "real")}),
+    ("FriendlySAM", lambda **kw: snp.FriendlySAM(_np(), **kw), {"sigma": (1.0, math.inf, "real"), "lam": (0.9, 1.5, "real")}),
     ("WSAM", lambda **kw: snp.WSAM(_np(), **kw), {"gamma": (0.9, 1.0, "real")}),
     ("MongeSAM", lambda **kw: snp.MongeSAM(_np(), **kw), {"rho": (0.05, -1.0, "real")}),
     (
@@ -283,13 +283,14 @@ NUMPY = [
         "LETS",
         lambda **kw: snp.LETS(_np(), **kw),
         {
-            "rho": (0.05, -1.0, "real list_ok"),
-            "rho_lr": (1.0, -1.0, "real list_ok"),
+            "rho": (0.05, -1.0, "real"),
+            "rho_lr": (1.0, -1.0, "real"),
             "rho_min": (1e-4, -1.0, "real"),
             "rho_max": (1.0, -1.0, "real"),
         },
     ),
-    ("RandomSAM", lambda **kw: snp.RandomSAM(_np(), **kw), {"sigma": (1.5e-3, -1.0, "real"), "lambda_": (2.0, 0.0, "real")}),
+    ("RandomSAM", lambda **kw: snp.RandomSAM(_np(), **kw), {"sigma": (1.5e-3, -1.0, "real"), "lam": (2.0, 0.0, "real")}),
+    ("ESAM", lambda **kw: snp.ESAM(_np(), **kw), {"beta": (0.6, 0.0, "real"), "gamma": (0.5, 1.5, "real")}),
 ]
 
 

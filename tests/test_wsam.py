@@ -1,7 +1,12 @@
-"""WSAM against a per-tensor reference written here from the paper's Algorithm 1 and the official
-code (Yue et al., KDD 2023: the base optimizer steps on g, then w ← w − lr·α(g̃ − g), α = γ/(1−γ);
-or, coupled, the base step on g + α(g̃ − g)), the limits γ = 0.5 (SAM) and γ = 0 (the base
-optimizer), a closed form on a quadratic, and a checkpoint round trip."""
+"""WSAM on both fronts (one rule, :mod:`sharpness.methods.wsam`).
+
+Torch front: against a per-tensor reference written here from the paper's Algorithm 1 and the
+official code (Yue et al., KDD 2023: the base optimizer steps on g, then w ← w − lr·α(g̃ − g),
+α = γ/(1−γ); or, coupled, the base step on g + α(g̃ − g)), the limits γ = 0.5 (SAM) and γ = 0 (the
+base optimizer), a closed form on a quadratic, and a checkpoint round trip. Numpy front: against a
+per-array float64 reference of the same algorithm, the same limits, the torch front on the same
+gradients, checkpoints, non-finite norms and bad input.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,15 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from _family import BASES, assert_close, assert_equal, batches, flat_dot, grads_at, grads_at_offset, loss_of, make_model, run
+from _numpy_family import AdamRef, SGDRef, SoftmaxRegression, add, assert_arrays, copies, norm, torch_closure, torch_params
 from torch import nn
 
 import sharpness
+from sharpness import numpy as snp
 
 
 def reference_wsam(model, base, data, rho, gamma, decouple):
@@ -169,3 +177,236 @@ def test_bad_arguments():
     model = make_model()
     with pytest.raises(ValueError, match="gamma"):
         sharpness.WSAM(model.parameters(), torch.optim.SGD, gamma=1.0, lr=0.1)
+    with pytest.raises(TypeError, match="decouple"):  # a flag, checked as on the numpy front
+        sharpness.WSAM(model.parameters(), torch.optim.SGD, decouple="yes", lr=0.1)
+
+
+# == the numpy front (sharpness.numpy.WSAM: the same rule over numpy arrays) =======================
+# A small softmax regression with hand-written gradients and a per-array float64 reference of the
+# paper's algorithm with torch.optim's step (SGDRef, AdamRef: _numpy_family).
+
+PROBLEM = SoftmaxRegression(n_rows=48, n_in=5, n_classes=4, batch=24, stride=11)
+make_problem, loss_and_grads = PROBLEM.make_problem, PROBLEM.loss_and_grads
+batch_rows, grad_fn_for = PROBLEM.batch_rows, PROBLEM.grad_fn_for
+STEPS = 25
+NP_BASES = {
+    "sgd": (lambda: SGDRef(0.1, momentum=0.9, weight_decay=1e-3), dict(base="sgd", lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    "adamw": (lambda: AdamRef(1e-2, weight_decay=0.05, decoupled=True), dict(base="adamw", lr=1e-2, weight_decay=0.05)),
+}
+LIMIT_BASES = [dict(base="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3), dict(base="adam", lr=1e-2)]
+TORCH_BASES = [
+    ("sgd", torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+    ("adamw", torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+]
+
+
+def run_numpy(opt, X, labels, steps, start=0):
+    for t in range(start, start + steps):
+        opt.step(grad_fn_for(X, labels, t))
+
+
+def run_torch(opt, tparams, X, labels, steps):
+    """The torch front on the same gradients, computed in numpy from its current weights."""
+    for t in range(steps):
+        opt.step(torch_closure(tparams, grad_fn_for(X, labels, t)))
+
+
+def reference_wsam_numpy(X, labels, w, steps, rho, gamma, decouple, base):
+    """Yue et al. 2023: α = γ/(1−γ); decoupled: base step on g, then w ← w − lr·α(g̃ − g);
+    coupled: the base step on g + α(g̃ − g)."""
+    w = copies(w)
+    alpha = gamma / (1 - gamma)
+    for t in range(steps):
+        _, g = loss_and_grads(X, labels, w, batch_rows(t))
+        _, gt = loss_and_grads(X, labels, add(w, [rho * x / (norm(g) + 1e-12) for x in g]), batch_rows(t))
+        sharp = add(gt, g, -1.0)
+        if decouple:
+            w = add(base.step(w, g), sharp, -base.lr * alpha)
+        else:
+            w = base.step(w, add(g, sharp, alpha))
+    return w
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("decouple", [True, False])
+def test_numpy_wsam_matches_the_paper(base, decouple):
+    X, labels, w = make_problem()
+    ref, kw = NP_BASES[base]
+    expected = reference_wsam_numpy(X, labels, w, STEPS, 0.1, 0.9, decouple, ref())
+    opt = snp.WSAM(w, rho=0.1, gamma=0.9, decouple=decouple, **kw)
+    run_numpy(opt, X, labels, STEPS)
+    assert_arrays(w, expected)
+    assert opt.alpha == pytest.approx(9.0)
+
+
+def same_run(make_a, make_b, dtype=np.float32, steps=15):
+    X, labels, w0 = make_problem(dtype)
+    a, b = copies(w0), copies(w0)
+    run_numpy(make_a(a), X, labels, steps)
+    run_numpy(make_b(b), X, labels, steps)
+    return a, b
+
+
+@pytest.mark.parametrize("kw", LIMIT_BASES, ids=["sgd", "adam"])
+def test_numpy_gamma_half_coupled_is_sam_bit_for_bit(kw):
+    a, b = same_run(lambda p: snp.WSAM(p, rho=0.1, gamma=0.5, decouple=False, **kw), lambda p: snp.SAM(p, rho=0.1, **kw))
+    assert_arrays(a, b, exact=True)
+
+
+def test_numpy_gamma_half_decoupled_with_plain_sgd_is_sam_to_rounding():
+    a, b = same_run(lambda p: snp.WSAM(p, rho=0.1, gamma=0.5, lr=0.05), lambda p: snp.SAM(p, rho=0.1, lr=0.05), dtype=np.float64)
+    assert_arrays(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kw", LIMIT_BASES, ids=["sgd", "adam"])
+def test_numpy_gamma_zero_is_the_base_optimizer_bit_for_bit(kw):
+    # SAM with ρ = 0 takes its second gradient at w itself: the base optimizer on g.
+    a, b = same_run(lambda p: snp.WSAM(p, rho=0.1, gamma=0.0, **kw), lambda p: snp.SAM(p, rho=0.0, **kw))
+    assert_arrays(a, b, exact=True)
+
+
+@pytest.mark.parametrize("kw", [dict(rho=0.1, gamma=0.9), dict(rho=0.1, gamma=0.8, decouple=False)], ids=["decoupled", "coupled"])
+@pytest.mark.parametrize(
+    "np_base, torch_base, base_kw",
+    TORCH_BASES,
+    ids=["sgd", "adamw"],
+)
+def test_both_fronts_agree_on_the_same_gradients(kw, np_base, torch_base, base_kw):
+    X, labels, w = make_problem(np.float32)
+    tparams = torch_params(w)
+    run_numpy(snp.WSAM(w, base=np_base, **kw, **base_kw), X, labels, 20)
+    topt = sharpness.WSAM(tparams, torch_base, backend="rust", **kw, **base_kw)
+    run_torch(topt, tparams, X, labels, 20)
+    assert_arrays(w, tparams, rtol=1e-5, atol=1e-6)
+    assert_arrays(w, tparams, exact=True)  # the same rule on the same kernels
+
+
+def test_numpy_state_dict_round_trip_mid_run():
+    kw = dict(rho=0.1, gamma=0.9, base="adam", lr=1e-2)
+    X, labels, w0 = make_problem(np.float32)
+    a = copies(w0)
+    run_numpy(snp.WSAM(a, **kw), X, labels, 14)
+    b = copies(w0)
+    opt_b = snp.WSAM(b, **kw)
+    run_numpy(opt_b, X, labels, 6)
+    sd = copy.deepcopy(opt_b.state_dict())
+    assert all(set(entry) == {"step", "exp_avg", "exp_avg_sq"} for entry in sd["state"].values())  # g, g̃ − g: not saved
+    snapshot = copies(b)
+    run_numpy(opt_b, X, labels, 2, start=6)  # later steps leave the saved dict alone
+    c = copies(snapshot)
+    opt_c = snp.WSAM(c, **kw)
+    opt_c.load_state_dict(sd)
+    run_numpy(opt_c, X, labels, 8, start=6)
+    assert_arrays(a, c, exact=True)
+
+
+def test_numpy_a_nonfinite_norm_never_reaches_the_weights():
+    X, labels, w = make_problem(np.float32)
+    opt = snp.WSAM(w, rho=0.1, lr=0.05, momentum=0.9)
+    run_numpy(opt, X, labels, 3)
+    before = copies(w)
+    _, g = loss_and_grads(X, labels, w)
+    bad = copies(g)
+    bad[0][0, 0] = np.inf
+    assert opt.first_step(bad)  # the second half follows: the plain base step
+    assert not math.isfinite(opt.last_grad_norm)
+    assert_arrays(w, before, exact=True)  # nothing moved
+    opt.second_step(g)  # the plain update with finite gradients
+    assert all(np.isfinite(a).all() for a in w)
+    assert opt.stats["nonfinite_skips"] == 1 and opt.state_dict()["sam"]["stats"]["nonfinite_skips"] == 1
+
+
+def test_numpy_exceptions_restore_the_weights_and_grads_are_left_alone():
+    X, labels, w = make_problem(np.float32)
+    opt = snp.WSAM(w, rho=0.1, lr=0.05, momentum=0.9)
+    seen = []
+
+    def grad_fn(params):
+        loss, grads = loss_and_grads(X, labels, params)
+        seen.append((copies(grads), grads))
+        return loss, grads
+
+    for _ in range(3):
+        opt.step(grad_fn)
+    for kept, given in seen:
+        assert_arrays(kept, given, exact=True)  # g, g̃ − g live in the optimizer's own buffers
+    before = copies(w)
+    calls = []
+
+    def failing(params):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("boom")
+        return loss_and_grads(X, labels, params)
+
+    with pytest.raises(KeyError):
+        opt.step(failing)
+    assert_arrays(w, before, exact=True)
+    assert not opt.perturbed
+
+    def failing_first(params):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        opt.step(failing_first)
+    assert_arrays(w, before, exact=True)
+    opt.step(grad_fn)  # and the optimizer still works
+
+
+def test_numpy_mixed_dtypes_run_per_dtype():
+    X, labels, w = make_problem(np.float64)
+    mixed = [w[0].copy(), w[1].astype(np.float32)]
+    arrays = copies(mixed)
+    opt = snp.WSAM(arrays, rho=0.1, lr=0.05)
+    for t in range(4):
+        def grad_fn(p, t=t):  # in float64, then each gradient in its parameter's dtype
+            _, grads = loss_and_grads(X, labels, [q.astype(np.float64) for q in p], batch_rows(t))
+            return 0.0, [x.astype(a.dtype) for x, a in zip(grads, p)]
+
+        opt.step(grad_fn)
+    assert [a.dtype for a in arrays] == [np.float64, np.float32]
+    assert not np.array_equal(arrays[0], mixed[0])
+
+
+def test_numpy_bad_arguments():
+    w = [np.zeros(3)]
+    with pytest.raises(ValueError, match="gamma"):
+        snp.WSAM(w, gamma=1.0)
+    with pytest.raises(TypeError, match="decouple"):
+        snp.WSAM(w, decouple="yes")
+
+
+def test_numpy_protocol_and_input_errors():
+    w = [np.zeros((2, 3)), np.zeros(3)]
+    opt = snp.WSAM(w, rho=0.1, lr=0.05, momentum=0.9)
+    g = [np.ones((2, 3)), np.ones(3)]
+    with pytest.raises(RuntimeError, match="first_step"):
+        opt.second_step(g)
+    with pytest.raises(ValueError, match="gradient arrays for 2 parameters"):
+        opt.first_step(g[:1])
+    with pytest.raises(TypeError, match=r"grads\[1\] has dtype float32"):
+        opt.first_step([g[0], g[1].astype(np.float32)])
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape"):
+        opt.first_step([np.ones(6), g[1]])
+    with pytest.raises(TypeError, match="not one array"):
+        opt.first_step(np.ones(3))
+    opt.first_step(g)
+    with pytest.raises(RuntimeError, match="twice"):
+        opt.first_step(g)
+    with pytest.raises(RuntimeError):
+        opt.state_dict()
+    with pytest.raises(RuntimeError):
+        opt.load_state_dict({})
+    opt.second_step(g)
+    sd = opt.state_dict()
+    with pytest.raises(TypeError, match="dict"):
+        opt.load_state_dict([sd])
+    broken = copy.deepcopy(sd)
+    broken["param_groups"][0]["params"] = [0]  # one parameter where there are two
+    with pytest.raises(ValueError):
+        opt.load_state_dict(broken)
+    broken = copy.deepcopy(sd)
+    broken["state"][0]["momentum_buffer"] = np.zeros(5)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(broken)
+    opt.load_state_dict(sd)

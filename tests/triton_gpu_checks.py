@@ -102,7 +102,7 @@ def kernels() -> None:
                 else:
                     K.perturb(split(w1), split(gd), split(b1), norm, 0.05, 1e-12, eta)
                 check(ulps(w1, ref_w) == 0 and ulps(b1, w) == 0, f"{name} perturb {form} eta={eta}")
-                K.restore(w1, b1) if form == "flat" else K.restore(split(w1), split(b1))
+                K.copy(b1, w1) if form == "flat" else K.copy(split(b1), split(w1))
                 check(ulps(w1, w) == 0, f"{name} restore {form}")
             w1 = wd.clone()
             K.perturb(w1, gd, torch.empty_like(wd), torch.tensor(float("nan"), dtype=torch.float64, device=DEV), 0.05, 1e-12, eta)

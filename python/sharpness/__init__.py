@@ -33,19 +33,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from sharpness._core import __version__
+from sharpness.methods import every_method
 
-# The torch front, loaded on first use (PEP 562): name -> the module that defines it.
+# The torch front, loaded on first use (PEP 562): name -> the module that defines it. Every method
+# of sharpness.methods (torch-free, found by name) has its torch class in sharpness.optim.
+_METHODS = ["SAM", *every_method()]
 _TORCH_FRONT = {
     **dict.fromkeys(["disable_running_stats", "enable_running_stats", "frozen_running_stats"], "sharpness.batchnorm"),
     "param_groups": "sharpness.groups",
     "mup2_param_groups": "sharpness.mup2",
     "SAF": "sharpness.regularizers",
     "MESA": "sharpness.regularizers",
-    **dict.fromkeys(
-        ["SAM", "EveryKSAM", "LookSAM", "MSharpnessSAM", "SAMPa", "AESAM", "ESAM", "LETS", "AdaSAM", "BayesianSAM",
-         "CRSAM", "GAM", "LightSAM", "GSAM", "FriendlySAM", "MongeSAM", "RandomSAM", "SSAMD", "SSAMF", "WSAM"],
-        "sharpness.optim",
-    ),
+    **dict.fromkeys(_METHODS, "sharpness.optim"),
 }
 _TORCH_MODULES = ("measure",)  # submodules reachable as attributes after `import sharpness`
 
@@ -78,53 +77,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names as plain imports
     from sharpness.batchnorm import disable_running_stats, enable_running_stats, frozen_running_stats
     from sharpness.groups import param_groups
     from sharpness.mup2 import mup2_param_groups
-    from sharpness.optim import (
-        AESAM,
-        CRSAM,
-        ESAM,
-        GAM,
-        GSAM,
-        LETS,
-        SAM,
-        SSAMD,
-        SSAMF,
-        WSAM,
-        AdaSAM,
-        BayesianSAM,
-        EveryKSAM,
-        FriendlySAM,
-        LightSAM,
-        LookSAM,
-        MongeSAM,
-        MSharpnessSAM,
-        RandomSAM,
-        SAMPa,
-    )
+    from sharpness.optim import SAM as SAM
     from sharpness.regularizers import MESA, SAF
 
 __all__ = [
-    "SAM",
-    "GSAM",
-    "FriendlySAM",
-    "WSAM",
-    "RandomSAM",
-    "MongeSAM",
-    "SSAMF",
-    "SSAMD",
-    "EveryKSAM",
-    "LookSAM",
-    "MSharpnessSAM",
-    "SAMPa",
+    *_METHODS,
     "SAF",
     "MESA",
-    "AESAM",
-    "ESAM",
-    "LETS",
-    "LightSAM",
-    "AdaSAM",
-    "GAM",
-    "CRSAM",
-    "BayesianSAM",
     "__version__",
     "disable_running_stats",
     "enable_running_stats",

@@ -24,7 +24,7 @@ __all__ = [
     "sum_of_squares_adaptive",
     "perturb",
     "perturb_adaptive",
-    "restore",
+    "copy",
     "perturb_offsets",
     "subtract_offsets",
     "restore_sgd",
@@ -50,8 +50,8 @@ def perturb(weights: _Tensors, grads: _Tensors, backups: _Tensors, scale: float)
 def perturb_adaptive(weights: _Tensors, grads: _Tensors, backups: _Tensors, scale: float, eta: float) -> None:
     """``backups ← weights; weights ← weights + scale·(|weights| + eta)²·grads`` (ASAM)."""
 
-def restore(weights: _Tensors, backups: _Tensors) -> None:
-    """``weights ← backups``, bit for bit."""
+def copy(src: _Tensors, dst: _Tensors) -> None:
+    """``dst ← src``, bit for bit (sources first, as in the engines' ``copy``)."""
 
 def perturb_offsets(weights: _Tensors, grads: _Tensors, offsets: _Tensors, scale: float, eta: float | None = None) -> None:
     """``offsets ← bf16(e)``, ``weights ← weights + offsets``, with ``e = scale·grads`` or, given

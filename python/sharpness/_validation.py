@@ -37,7 +37,7 @@ __all__ = ["HyperparameterTypeError", "describe", "flag", "number", "pair"]
 class HyperparameterTypeError(TypeError, ValueError):
     """A hyperparameter of the wrong type. A :class:`TypeError`, as Python's own argument checks
     raise; also a :class:`ValueError`, which several methods raised for a wrong type before
-    their checks came here (``k=1.5``, ``lambda_="2"``), so code that catches ValueError still
+    their checks came here (``k=1.5``, ``lam="2"``), so code that catches ValueError still
     catches it."""
 
 

@@ -397,7 +397,7 @@ def make_optimizer(
     # their papers' other defaults.
     wrapped = {
         "gsam": lambda: sharpness.GSAM(params, torch.optim.SGD, rho=config.rho, rho_min=config.rho / 10, alpha=0.1, **base),
-        "friendly": lambda: sharpness.FriendlySAM(params, torch.optim.SGD, rho=config.rho, sigma=1.0, lmbda=0.9, **base),
+        "friendly": lambda: sharpness.FriendlySAM(params, torch.optim.SGD, rho=config.rho, sigma=1.0, lam=0.9, **base),
         "wsam": lambda: sharpness.WSAM(params, torch.optim.SGD, rho=config.rho, gamma=0.9, **base),
         "rsam": lambda: sharpness.RandomSAM(params, torch.optim.SGD, rho=config.rho, **base),
         "monge": lambda: sharpness.MongeSAM(params, torch.optim.SGD, rho=config.rho, **base),

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sharpness.optim.msam import MSharpnessSAM
+from sharpness.methods.msam import MSharpnessSAM  # the rule: both fronts' classes derive from it
 from sharpness.optim.sam import SAM
 
 __all__ = ["sam_step"]

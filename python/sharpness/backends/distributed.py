@@ -43,6 +43,7 @@ class DTensorEngine(TorchEngine):
     ops, and reduces the norm (and dot products) across the shards with one all-reduce."""
 
     name = "dtensor"
+    shards_parameters = True  # each rank holds shards: no per-filter norms, no noise over whole parameters
 
     def __init__(self, params: list[Tensor], group_of: list[int], stats: Counter) -> None:
         super().__init__(params, group_of, stats)
@@ -126,6 +127,29 @@ class DTensorEngine(TorchEngine):
         self._partials(self._active(), values, partials)
         return self._reduce(partials)
 
+    def group_dots(self, a: str, b: str, state: dict) -> dict[int, float]:
+        """``Σ a·b`` per group: the local dots of every group as one vector per reduction, so one
+        all-reduce per (reduction, sharded mesh dimension) serves all groups."""
+        by_group = self._dots_by_group(a, b, state)
+        groups = sorted(by_group)
+        slot = {gi: k for k, gi in enumerate(groups)}
+        partials: dict[int, Tensor] = {}
+        with torch.no_grad():
+            for gi, indices in self.by_group.items():
+                for i, value in zip(indices, by_group[gi]):
+                    r = self.reduction_of[i]
+                    if r not in partials:
+                        partials[r] = torch.zeros(len(groups), dtype=torch.float64, device=value.device)
+                    partials[r][slot[gi]] += value
+        totals = [0.0] * len(groups)
+        for r in sorted(partials):
+            mesh, dims = self.reductions[r]
+            for d in dims:
+                dist.all_reduce(partials[r], op=dist.ReduceOp.SUM, group=mesh.get_group(d))
+            self.stats["dtensor_all_reduces"] += len(dims)
+            totals = [t + v for t, v in zip(totals, partials[r].tolist())]
+        return {gi: totals[slot[gi]] for gi in groups}
+
     # -- the vector operations of the SAM variants, on the local shards --------------------------
     # Elementwise operations need no communication: each rank applies them to its shards. Inner
     # products (``dot``, above) are reduced like the norm.
@@ -190,4 +214,10 @@ class DTensorEngine(TorchEngine):
         raise ValueError(
             "noise over whole parameters is not split over DTensor (FSDP2) shards: this method does "
             "not support DTensor parameters"
+        )
+
+    def add_filter_noise(self, into: str, scales: dict[int, float], generator: torch.Generator, state: dict) -> None:
+        raise ValueError(
+            "per-filter norms and noise over whole parameters are not split over DTensor (FSDP2) shards: "
+            "this method does not support DTensor parameters"
         )

@@ -11,6 +11,7 @@ parameter's index), as torch's optimizers keep theirs.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ class NumpyEngine:
     """Serves numpy parameters of one dtype (see the module docstring)."""
 
     name = "numpy"
+    shards_parameters = False  # every parameter is a whole array
 
     def __init__(self, params: list[np.ndarray], keys: list[int], group_of: list[int], stats: Counter) -> None:
         self.params = params
@@ -96,7 +98,7 @@ class NumpyEngine:
         for gi, lo, hi in self.group_runs:
             group = groups[gi]
             if group["sam_rho"] == 0:
-                _core.restore(b[lo:hi], w[lo:hi])  # only the backup the fused step reads
+                _core.copy(w[lo:hi], b[lo:hi])  # only the backup the fused step reads
             elif group["sam_adaptive"]:
                 _core.perturb_adaptive(w[lo:hi], g[lo:hi], b[lo:hi], scale_of(group, norm), float(group["sam_eta"]))
             else:
@@ -105,7 +107,7 @@ class NumpyEngine:
 
     def restore(self) -> None:
         if self.perturbed:
-            _core.restore(self.params, self.backups())
+            _core.copy(self.backups(), self.params)
             self.perturbed = False
 
     def restore_bytes(self) -> int:
@@ -195,13 +197,13 @@ class NumpyEngine:
 
     # -- named vectors ---------------------------------------------------------------------------------
 
-    def vector(self, name: str, state: dict) -> list[np.ndarray]:
-        """Every parameter's ``state[key][name]`` (created at zero)."""
+    def vector(self, name: str, state: dict, fill: float | None = None) -> list[np.ndarray]:
+        """Every parameter's ``state[key][name]`` (created at zero, or at ``fill``)."""
         out = []
         for key, p in zip(self.keys, self.params):
             entry = state.setdefault(key, {})
             if name not in entry:
-                entry[name] = np.zeros_like(p)
+                entry[name] = np.zeros_like(p) if fill is None else np.full_like(p, fill)
             out.append(entry[name])
         return out
 
@@ -217,6 +219,28 @@ class NumpyEngine:
     def dot(self, a: str, b: str, state: dict) -> float:
         return _core.dot(self._array(a, state), self._array(b, state))
 
+    def group_dots(self, a: str, b: str, state: dict) -> dict[int, float]:
+        xs, ys = self._array(a, state), self._array(b, state)
+        out: dict[int, float] = {}
+        for gi, lo, hi in self.group_runs:
+            out[gi] = out.get(gi, 0.0) + _core.dot(xs[lo:hi], ys[lo:hi])
+        return out
+
+    def scale_adaptive(self, x: str, groups: list[dict[str, Any]], state: dict) -> None:
+        xs = self._array(x, state, write=True)
+        for gi, lo, hi in self.group_runs:
+            group = groups[gi]
+            if group["sam_adaptive"] and group["sam_rho"] != 0:
+                for v, w in zip(xs[lo:hi], self.params[lo:hi]):  # numpy elementwise: no kernel forms T²⊙x
+                    t = np.abs(w)
+                    t += float(group["sam_eta"])
+                    v *= t
+                    v *= t
+
+    def mean_over_ranks(self, values: list[float]) -> None:
+        """One process holds every array: nothing to average."""
+        return None
+
     def axpby(self, x: str, y: str, alpha: float, beta: float, state: dict) -> None:
         if x == y:
             raise ValueError("axpby needs two different vectors")
@@ -225,7 +249,7 @@ class NumpyEngine:
 
     def copy(self, src: str, dst: str, state: dict) -> None:
         dsts = self._array(dst, state, write=True)
-        _core.restore(dsts, self._array(src, state))
+        _core.copy(self._array(src, state), dsts)
 
     def mul(self, x: str, y: str, state: dict) -> None:
         ys = self._array(y, state, write=True)
@@ -238,7 +262,7 @@ class NumpyEngine:
             b += a * a
 
     def save_weights(self) -> None:
-        _core.restore(self.backups(), self.params)
+        _core.copy(self.params, self.backups())
         self.perturbed = True
 
     def weights_from_backup(self, direction: str, scales: dict[int, float], state: dict) -> None:
@@ -246,7 +270,7 @@ class NumpyEngine:
             raise RuntimeError("weights_from_backup needs save_weights() first")
         d, w, b = self._array(direction, state), self.params, self.backups()
         for gi, lo, hi in self.group_runs:
-            _core.restore(w[lo:hi], b[lo:hi])
+            _core.copy(b[lo:hi], w[lo:hi])
             scale = float(scales.get(gi, 0.0))
             if scale != 0.0:
                 _core.axpby(d[lo:hi], w[lo:hi], scale, 1.0)
@@ -267,3 +291,116 @@ class NumpyEngine:
                 z = generator.standard_normal(p.shape)
                 if scale != 0.0:
                     p += (scale * z).astype(p.dtype)
+
+    def elementwise(
+        self,
+        fn: Callable[..., None],
+        names: list[str],
+        state: dict,
+        every: bool = False,
+        init: dict[str, float] | None = None,
+        generator: np.random.Generator | None = None,
+    ) -> None:
+        """The contract's :meth:`elementwise`: ``fn(numpy, group, *arrays)`` once per array (every
+        numpy parameter holds a gradient, so ``every`` changes nothing). ``"grads"`` are read-only
+        views of the caller's arrays (never written); ``"noise"`` is one
+        ``generator.standard_normal(n, dtype=dtype)`` over this engine's arrays, in order."""
+        columns = []
+        for name in names:
+            if name == "noise":
+                if generator is None:  # never the global generator
+                    raise ValueError('elementwise(): "noise" needs the front\'s generator')
+                z = generator.standard_normal(sum(p.size for p in self.params), dtype=self.params[0].dtype)
+                offsets = np.cumsum([0] + [p.size for p in self.params])
+                columns.append([z[a:b].reshape(p.shape) for a, b, p in zip(offsets, offsets[1:], self.params)])
+            elif name == "grads":
+                views = [g.view() for g in self.grads]
+                for v in views:
+                    v.flags.writeable = False
+                columns.append(views)
+            elif name in ("weights", "backup"):
+                columns.append(self._array(name, state))
+            else:
+                columns.append(self.vector(name, state, (init or {}).get(name)))
+        for gi, lo, hi in self.group_runs:
+            for j in range(lo, hi):
+                fn(np, gi, *[column[j] for column in columns])
+
+    def axpby_by_group(self, x: str, y: str, alphas: dict[int, float], beta: float, state: dict) -> None:
+        """``y ← alphas[g]·x + beta·y`` over the parameters of each group ``g`` in ``alphas``."""
+        if x == y:
+            raise ValueError("axpby needs two different vectors")
+        ys = self._array(y, state, write=True)
+        xs = self._array(x, state)
+        for gi, lo, hi in self.group_runs:
+            if gi in alphas:
+                _core.axpby(xs[lo:hi], ys[lo:hi], float(alphas[gi]), float(beta))
+
+    def add_filter_noise(self, into: str, scales: dict[int, float], generator: Any, state: dict) -> None:
+        """Filter-wise relative noise (the contract's :meth:`add_filter_noise`): one
+        ``generator.standard_normal(n, dtype=dtype)`` in this engine's dtype over the noised arrays
+        in order (``n`` their total size; nothing drawn where it is 0), array ``i`` taking the next
+        ``p.size`` numbers in C order; the per-row norms in float64, times the scale, rounded to
+        the dtype; ``δ = z·scale`` in the dtype, then ``w ← w + δ``."""
+        targets = self.vector(into, state)
+        noised = [i for gi, lo, hi in self.group_runs if float(scales.get(gi, 0.0)) != 0.0 for i in range(lo, hi)]
+        n = sum(self.params[i].size for i in noised)
+        for t in targets:
+            t.fill(0)
+        if n == 0:
+            return
+        dtype = self.params[0].dtype
+        z = generator.standard_normal(n, dtype=dtype)
+        if not (isinstance(z, np.ndarray) and z.shape == (n,)):
+            raise TypeError(f"generator.standard_normal({n}) must return an array of shape ({n},)")
+        z = np.ascontiguousarray(z, dtype=dtype)
+        at = 0
+        for i in noised:
+            p, delta = self.params[i], targets[i]
+            if p.size == 0:
+                continue
+            zi = z[at : at + p.size].reshape(p.shape)
+            at += p.size
+            sigma = float(scales[self.group_of[i]])
+            if p.ndim >= 2:
+                rows = p.reshape(p.shape[0], -1)
+                norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+                scale = (norms * sigma).astype(dtype).reshape((-1,) + (1,) * (p.ndim - 1))
+            else:
+                scale = np.asarray(np.sqrt(_core.sum_of_squares([p])) * sigma, dtype=dtype)
+            np.multiply(zi, scale, out=delta)
+        _core.axpby([targets[i] for i in noised], [self.params[i] for i in noised], 1.0, 1.0)  # w ← w + δ
+
+    # -- host copies and draws (SSAM's masks, ranked on the host) ----------------------------------
+
+    def read(self, name: str, state: dict) -> list[np.ndarray]:
+        """Copies of ``name`` (``"grads"``, ``"weights"`` or a state name), one per parameter, in
+        its dtype (float32 or float64)."""
+        if name == "grads" and len(self.grads) != len(self.params):  # none given to this call
+            return [np.zeros_like(p) for p in self.params]
+        return [a.copy() for a in self._array(name, state)]
+
+    def write(self, name: str, values: list, state: dict) -> None:
+        """``state[key][name] ← values[i]`` per parameter (arrays of its shape, numbers, or None)."""
+        if name in ("grads", "weights", "backup"):
+            raise ValueError(f"write() sets a state vector, not {name!r}")
+        checked = [None if v is None else np.asarray(v) for v in values]
+        for p, v in zip(self.params, checked):
+            if v is not None and v.ndim and v.shape != p.shape:
+                raise ValueError(f"an array of shape {v.shape} for a parameter of shape {p.shape}")
+        for target, v in zip(self.vector(name, state), checked):
+            if v is not None:
+                target[...] = v
+
+    def draw_uniform(self, count: int, generator: np.random.Generator) -> np.ndarray:
+        """``generator.random(count, dtype=float32)``."""
+        return generator.random(count, dtype=np.float32)
+
+    def drop_gradients(self, keep: list[bool]) -> None:
+        """Zeros in place of the dropped gradients (the caller's arrays are left as they are)."""
+        self.grads = [g if k else np.zeros_like(g) for g, k in zip(self.grads, keep)]
+
+    def scale(self, x: str, factor: float, state: dict) -> None:
+        """``x ← factor·x``, the factor rounded to the dtype first (as torch's ``mul_``)."""
+        for v in self._array(x, state, write=True):
+            np.multiply(v, v.dtype.type(factor), out=v)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -11,7 +11,16 @@ import torch
 from torch import Tensor
 
 from sharpness import _core
-from sharpness.backends._common import adam_step_dtype, fused_kernel_kind, norm_weight_sq, scale_of
+from sharpness.backends._common import (
+    adam_step_dtype,
+    draw_uniform,
+    filter_noise,
+    fused_kernel_kind,
+    host_copy,
+    norm_weight_sq,
+    scale_of,
+    write_tensors,
+)
 from sharpness.buffers import FlatBuffers
 
 
@@ -25,6 +34,7 @@ class RustEngine:
     """
 
     name = "rust"
+    shards_parameters = False  # the flat buffers hold whole parameters
 
     def __init__(self, params: list[Tensor], group_of: list[int], stats: Counter) -> None:
         self.buffers = FlatBuffers(params, group_of, stats)
@@ -89,7 +99,7 @@ class RustEngine:
         for gi, p_lo, p_hi, lo, hi in self.group_slices:
             group = groups[gi]
             if group["sam_rho"] == 0:
-                _core.restore(b[lo:hi], w[lo:hi])  # only the backup the fused step reads
+                _core.copy(w[lo:hi], b[lo:hi])  # only the backup the fused step reads
                 continue
             scale = scale_of(group, norm)
             if group["sam_adaptive"]:
@@ -99,7 +109,7 @@ class RustEngine:
                     if is_active:
                         _core.perturb_adaptive(w[a:z], g[a:z], b[a:z], scale, eta)
                     else:
-                        _core.restore(b[a:z], w[a:z])
+                        _core.copy(w[a:z], b[a:z])
             else:
                 _core.perturb(w[lo:hi], g[lo:hi], b[lo:hi], scale)
         self.perturbed = True
@@ -148,7 +158,7 @@ class RustEngine:
             self._offset_ranges = None
             self.perturbed = False
         elif self.perturbed:
-            _core.restore(self.buffers.np_weights, self.buffers.np_backup)
+            _core.copy(self.buffers.np_backup, self.buffers.np_weights)
             self.perturbed = False
 
     def restore_bytes(self) -> int:
@@ -203,6 +213,39 @@ class RustEngine:
         """``Σ a·b`` over every parameter (``"grads"`` or a state name)."""
         return _core.dot(self._array(a, state), self._array(b, state))
 
+    def group_dots(self, a: str, b: str, state: dict) -> dict[int, float]:
+        """``Σ a·b`` per group (one kernel call per group; fp64 torch dots where the buffers are not
+        host memory: the Triton subclass)."""
+        native = self.kernels is _core and self.buffers.np_weights is not None
+        x, y = (self._array(a, state), self._array(b, state)) if native else (self.flat(a, state), self.flat(b, state))
+        out: dict[int, float] = {}
+        for gi, _, _, lo, hi in self.group_slices:
+            if native:
+                d = _core.dot(x[lo:hi], y[lo:hi])
+            else:
+                d = float(torch.dot(x[lo:hi].double(), y[lo:hi].double()))
+            out[gi] = out.get(gi, 0.0) + d
+        return out
+
+    def scale_adaptive(self, x: str, groups: list[dict[str, Any]], state: dict) -> None:
+        """``x ← T²⊙x``, ``T = |w|+η`` (in the weights' dtype), on the adaptive groups with ``ρ ≠ 0``;
+        into the gradients only where a parameter holds one. Torch ops on the flat tensors (any
+        device: the Triton subclass inherits it)."""
+        xs, w = self.flat(x, state), self.buffers.weights
+        with torch.no_grad():
+            for gi, p_lo, p_hi, lo, hi in self.group_slices:
+                group = groups[gi]
+                if not (group["sam_adaptive"] and group["sam_rho"] != 0):
+                    continue
+                ranges = [(a, z) for active, a, z in self._activity_runs(p_lo, p_hi) if active] if x == "grads" else [(lo, hi)]
+                for a, z in ranges:
+                    t = w[a:z].abs().add_(float(group["sam_eta"]))
+                    xs[a:z].mul_(t).mul_(t)
+
+    def mean_over_ranks(self, values: list[float]) -> None:
+        """CPU/flat-buffer parameters are held whole by this process: nothing to average."""
+        return None
+
     def axpby(self, x: str, y: str, alpha: float, beta: float, state: dict) -> None:
         """``y ← alpha·x + beta·y`` (``"grads"`` or state names, distinct). Into the gradients,
         only parameters that hold one are written: the others keep torch's ``grad is None``."""
@@ -214,7 +257,7 @@ class RustEngine:
 
     def copy(self, src: str, dst: str, state: dict) -> None:
         """``dst ← src`` (``"grads"`` or state names)."""
-        _core.restore(self._array(dst, state), self._array(src, state))
+        _core.copy(self._array(src, state), self._array(dst, state))
 
     def group_tensors(
         self, names: list[Any], state: dict, init: dict[str, float] | None = None, every: bool = False
@@ -294,7 +337,7 @@ class RustEngine:
     def _restore_only(self, lo: int, hi: int) -> None:
         if self.perturbed:
             w, _, b = self._arrays()
-            self.kernels.restore(w[lo:hi], b[lo:hi])
+            self.kernels.copy(b[lo:hi], w[lo:hi])
 
     def _source(self, lo: int, hi: int) -> Any:
         """Where a step reads the weights: the backup after a perturbation, else in place."""
@@ -408,7 +451,7 @@ class RustEngine:
     def save_weights(self) -> None:
         """``backup ← weights`` over every parameter, marking the weights as moved: :meth:`restore`
         (or a fused :meth:`restore_and_step`) then brings them back bit for bit."""
-        _core.restore(self.buffers.backups(), self.buffers.np_weights)
+        _core.copy(self.buffers.np_weights, self.buffers.backups())
         self.perturbed = True
 
     def weights_from_backup(self, direction: str, scales: dict[int, float], state: dict) -> None:
@@ -420,7 +463,7 @@ class RustEngine:
         w, b = self.buffers.np_weights, self.buffers.np_backup
         d = self.vector(direction, state)
         for gi, _, _, lo, hi in self.group_slices:
-            _core.restore(w[lo:hi], b[lo:hi])
+            _core.copy(b[lo:hi], w[lo:hi])
             scale = float(scales.get(gi, 0.0))
             if scale != 0.0:
                 _core.axpby(d[lo:hi], w[lo:hi], scale, 1.0)
@@ -477,3 +520,132 @@ class RustEngine:
                 scale = float(scales.get(gi, 0.0))
                 if scale != 0.0:
                     w[lo:hi].add_(z[lo:hi], alpha=scale)
+
+    def elementwise(
+        self,
+        fn: Callable[..., None],
+        names: list[str],
+        state: dict,
+        every: bool = False,
+        init: dict[str, float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """The contract's :meth:`elementwise`: ``fn(torch, group, *slices)`` once per run of the
+        covered parameters within a group (one per group in the steady state), on slices of the flat
+        buffers (torch ops: the same code serves the Triton subclass's device buffers). ``"noise"``:
+        one ``torch.randn`` (float64 for float64 weights, else float32) over the covered elements in
+        order, drawn on the CPU from ``generator``."""
+        buf = self.buffers
+        runs: list[tuple[int, int, int]] = []  # (group, first element, end element)
+        for gi, p_lo, p_hi, lo, hi in self.group_slices:
+            spans = [(lo, hi)] if every else [(a, z) for active, a, z in self._activity_runs(p_lo, p_hi) if active]
+            runs += [(gi, a, z) for a, z in spans if z > a]
+        columns = []
+        for name in names:
+            if name == "noise":
+                if generator is None:  # never the global generator
+                    raise ValueError('elementwise(): "noise" needs the front\'s generator')
+                dtype = torch.float64 if buf.dtype == torch.float64 else torch.float32
+                z = torch.randn(sum(b - a for _, a, b in runs), generator=generator, dtype=dtype).to(buf.device)
+                starts = [0]
+                for _, a, b in runs:
+                    starts.append(starts[-1] + b - a)
+                columns.append([z[u:v] for u, v in zip(starts, starts[1:])])
+                continue
+            if name == "weights":
+                flat = buf.weights
+            elif name == "grads":
+                flat = buf.grads
+            elif name == "backup":
+                buf.backups()
+                flat = buf.backup
+            else:
+                fill = (init or {}).get(name)
+                fresh = [i for i, p in enumerate(buf.params) if name not in state[p]] if fill is not None else []
+                self.vector(name, state)
+                for i in fresh:
+                    buf.state_views[name][i].fill_(fill)
+                flat = buf.state_buffers[name]
+            columns.append([flat[a:b] for _, a, b in runs])
+        with torch.no_grad():
+            for k, (gi, _, _) in enumerate(runs):
+                fn(torch, gi, *[column[k] for column in columns])
+
+    def axpby_by_group(self, x: str, y: str, alphas: dict[int, float], beta: float, state: dict) -> None:
+        """``y ← alphas[g]·x + beta·y`` over each group ``g`` in ``alphas`` (``"grads"`` or state
+        names, distinct): one kernel call per group, or per run of parameters that hold a gradient
+        when writing into the gradients (the others keep torch's ``grad is None``)."""
+        if x == y:
+            raise ValueError("axpby needs two different vectors")
+        xs, ys = self._array(x, state), self._array(y, state)
+        for gi, p_lo, p_hi, lo, hi in self.group_slices:
+            if gi not in alphas:
+                continue
+            ranges = [(a, z) for active, a, z in self._activity_runs(p_lo, p_hi) if active] if y == "grads" else [(lo, hi)]
+            for a, z in ranges:
+                if z > a:
+                    self._axpby_slice(xs, ys, a, z, float(alphas[gi]), float(beta))
+
+    def _axpby_slice(self, xs: Any, ys: Any, lo: int, hi: int, alpha: float, beta: float) -> None:
+        """``ys[lo:hi] ← alpha·xs[lo:hi] + beta·ys[lo:hi]`` (the Triton engine: torch ops)."""
+        _core.axpby(xs[lo:hi], ys[lo:hi], alpha, beta)
+
+    def add_filter_noise(self, into: str, scales: dict[int, float], generator: torch.Generator, state: dict) -> None:
+        """Filter-wise relative noise (the contract's :meth:`add_filter_noise`), with torch ops on
+        the flat buffers (any device: the Triton engine inherits it): ``z`` one ``torch.randn``
+        on the CPU over the noised parameters in order, float64 for float64 weights, else
+        float32 (:func:`~sharpness.backends._common.filter_noise`); ``δ`` is added to the weights
+        from that precision (rounded once) and kept in ``into`` in the weights' dtype."""
+        buf = self.buffers
+        target = self.flat(into, state)
+        views = buf.state_views[into]
+        noised = [i for i, gi in enumerate(buf.group_of) if float(scales.get(gi, 0.0)) != 0.0 and buf.params[i].numel() > 0]
+        with torch.no_grad():
+            target.zero_()
+            if not noised:
+                return
+            weights = [buf.weight_views[i] for i in noised]
+            deltas = filter_noise(weights, [float(scales[buf.group_of[i]]) for i in noised], generator)
+            for i, w, delta in zip(noised, weights, deltas):
+                views[i].copy_(delta)
+                w.add_(delta)
+
+    # -- host copies and draws (SSAM's masks, ranked on the host); torch ops: Triton inherits them --
+
+    def _views(self, name: str, state: dict) -> list[Tensor]:
+        """Per parameter, its slice of ``"weights"``, ``"grads"`` (zero views where absent, after
+        :meth:`begin`) or a state vector (created at zero)."""
+        if name == "weights":
+            return self.buffers.weight_views
+        if name == "grads":
+            return self.buffers.grad_views
+        self.vector(name, state)
+        return self.buffers.state_views[name]
+
+    def read(self, name: str, state: dict) -> list[Any]:
+        return [host_copy(v) for v in self._views(name, state)]
+
+    def write(self, name: str, values: list[Any], state: dict) -> None:
+        if name in ("grads", "weights", "backup"):
+            raise ValueError(f"write() sets a state vector, not {name!r}")
+        write_tensors(self._views(name, state), values)
+
+    def draw_uniform(self, count: int, generator: torch.Generator) -> Any:
+        return draw_uniform(count, generator)
+
+    def drop_gradients(self, keep: list[bool]) -> None:
+        """Each dropped gradient's view zeroed and marked absent, as :meth:`begin` finds a ``None``
+        gradient, until a backward writes it again (torch ops: the Triton subclass inherits it)."""
+        buf = self.buffers
+        with torch.no_grad():
+            for i, k in enumerate(keep):
+                if not k:
+                    buf.grad_views[i].zero_()
+                    buf.received[i] = False
+                    self.active[i] = False
+
+    def scale(self, x: str, factor: float, state: dict) -> None:
+        """``x ← factor·x`` over the flat tensor in one ``mul_`` (absent gradients are zero views:
+        they stay zero)."""
+        with torch.no_grad():
+            self.flat(x, state).mul_(factor)

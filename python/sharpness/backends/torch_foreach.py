@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from sharpness.backends._common import norm_weight_sq, scale_of
+from sharpness.backends._common import draw_uniform, filter_noise, host_copy, norm_weight_sq, scale_of, write_tensors
 from sharpness.buffers import SPARSE_GRADIENTS, is_sparse
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -52,6 +52,7 @@ class TorchEngine:
     """Serves parameters of one (device, dtype) with foreach ops over lists."""
 
     name = "torch"
+    shards_parameters = False  # whole tensors (the DTensor subclass holds shards)
 
     def __init__(self, params: list[Tensor], group_of: list[int], stats: Counter) -> None:
         self.params = params
@@ -255,6 +256,40 @@ class TorchEngine:
         xs, ys = self._array(a, state), self._array(b, state)
         return sum(float(torch.dot(x.reshape(-1).double(), y.reshape(-1).double())) for x, y in zip(xs, ys))
 
+    def _dots_by_group(self, a: str, b: str, state: dict) -> dict[int, list[Tensor]]:
+        """Per group, the fp64 0-d tensors ``a_i·b_i`` of its parameters that hold a gradient."""
+        xs, ys = self._array(a, state), self._array(b, state)  # in the order of _active()
+        out: dict[int, list[Tensor]] = {}
+        k = 0
+        with torch.no_grad():
+            for gi, indices in self.by_group.items():
+                pairs = zip(xs[k : k + len(indices)], ys[k : k + len(indices)])
+                out[gi] = [torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in pairs]
+                k += len(indices)
+        return out
+
+    def group_dots(self, a: str, b: str, state: dict) -> dict[int, float]:
+        """``Σ a·b`` per group over its parameters that hold a gradient (one host read per group)."""
+        return {gi: float(torch.stack(dots).sum()) for gi, dots in self._dots_by_group(a, b, state).items()}
+
+    def scale_adaptive(self, x: str, groups: list[dict[str, Any]], state: dict) -> None:
+        """``x ← T²⊙x``, ``T = |w|+η`` (in the weights' dtype), on the adaptive groups with
+        ``ρ ≠ 0``, over the parameters that hold a gradient."""
+        xs = dict(zip(self._active(), self._array(x, state)))
+        with torch.no_grad():
+            for gi, indices in self.by_group.items():
+                group = groups[gi]
+                if group["sam_adaptive"] and group["sam_rho"] != 0:
+                    t = torch._foreach_abs([self._view(self.params[i]) for i in indices])
+                    torch._foreach_add_(t, float(group["sam_eta"]))
+                    vectors = [xs[i] for i in indices]
+                    torch._foreach_mul_(vectors, t)
+                    torch._foreach_mul_(vectors, t)
+
+    def mean_over_ranks(self, values: list[float]) -> list[float] | None:
+        """Parameters held whole by this process (the DTensor engine averages): nothing to do."""
+        return None
+
     def axpby(self, x: str, y: str, alpha: float, beta: float, state: dict) -> None:
         if x == y:
             raise ValueError("axpby needs two different vectors")
@@ -388,3 +423,139 @@ class TorchEngine:
                 if scale != 0.0:
                     p.add_(z[offset : offset + n].view_as(p), alpha=scale)
                 offset += n
+
+    def _tensor(self, name: str, i: int, state: dict) -> Tensor:
+        """Parameter ``i``'s ``"grads"``, ``"weights"``, ``"backup"`` or state vector (created at
+        zero), as the vector operations see it."""
+        if name == "grads":
+            return self._view(self.params[i].grad)
+        if name == "weights":
+            return self._view(self.params[i])
+        if name == "backup":
+            return self._view(self._backup(i))
+        return self._state_tensor(i, name, state)
+
+    def elementwise(
+        self,
+        fn: Callable[..., None],
+        names: list[str],
+        state: dict,
+        every: bool = False,
+        init: dict[str, float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """The contract's :meth:`elementwise`: ``fn(torch, group, *tensors)`` once per covered
+        parameter (those holding a gradient; ``every``: every trainable one), on its tensors as real
+        views (local shards on the DTensor subclass). ``"noise"``: one ``torch.randn`` (float64 for
+        float64 parameters, else float32) over the covered parameters' real entries in order, drawn
+        on the CPU from ``generator`` (the flat engine's numbers for the same parameters); refused
+        on shards."""
+        if every:
+            covered = [i for i, p in enumerate(self.params) if p.requires_grad]
+        else:
+            covered = self._active()
+        noise: list[Tensor] = []
+        if "noise" in names:
+            if generator is None:  # never the global generator
+                raise ValueError('elementwise(): "noise" needs the front\'s generator')
+            if self.shards_parameters:
+                raise ValueError(
+                    "noise over whole parameters is not split over DTensor (FSDP2) shards: this method does "
+                    "not support DTensor parameters"
+                )
+            views = [real_view(self.params[i]) for i in covered]
+            dtype = torch.float64 if views and views[0].dtype == torch.float64 else torch.float32
+            z = torch.randn(sum(v.numel() for v in views), generator=generator, dtype=dtype)
+            z = z.to(views[0].device) if views else z
+            noise = [part.view_as(v) for part, v in zip(z.split([v.numel() for v in views]), views)]
+        fills = init or {}
+        with torch.no_grad():
+            for k, i in enumerate(covered):
+                tensors = []
+                for name in names:
+                    if name == "noise":
+                        tensors.append(noise[k])
+                    elif name in ("grads", "weights", "backup"):
+                        tensors.append(self._tensor(name, i, state))
+                    else:
+                        tensors.append(self._state_tensor(i, name, state, fills.get(name)))
+                fn(torch, self.group_of[i], *tensors)
+
+    def axpby_by_group(self, x: str, y: str, alphas: dict[int, float], beta: float, state: dict) -> None:
+        """``y ← alphas[g]·x + beta·y`` over the parameters of each group ``g`` in ``alphas`` that
+        hold a gradient (foreach ops per group)."""
+        if x == y:
+            raise ValueError("axpby needs two different vectors")
+        with torch.no_grad():
+            for gi, indices in self.by_group.items():
+                if gi not in alphas:
+                    continue
+                ys = [self._tensor(y, i, state) for i in indices]
+                torch._foreach_mul_(ys, float(beta))
+                torch._foreach_add_(ys, [self._tensor(x, i, state) for i in indices], alpha=float(alphas[gi]))
+
+    def add_filter_noise(self, into: str, scales: dict[int, float], generator: torch.Generator, state: dict) -> None:
+        """Filter-wise relative noise (the contract's :meth:`add_filter_noise`) over the trainable
+        parameters of the noised groups, as real views (a complex parameter is its real pairs, a
+        trailing dimension of 2, as in every operation here): ``z`` one ``torch.randn`` on the
+        CPU, float64 for float64 weights, else float32, the same numbers the flat engine draws
+        for the same parameters; ``δ`` is added from that precision and kept in ``into``."""
+        noised = [
+            i
+            for i, p in enumerate(self.params)
+            if p.requires_grad and float(scales.get(self.group_of[i], 0.0)) != 0.0 and p.numel() > 0
+        ]
+        chosen = set(noised)
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                entry = state.get(p, {})
+                if i not in chosen and into in entry:
+                    self._view(entry[into]).zero_()  # no noise here this step
+            if not noised:
+                return
+            weights = [self._view(self.params[i]) for i in noised]
+            deltas = filter_noise(weights, [float(scales[self.group_of[i]]) for i in noised], generator)
+            for i, w, delta in zip(noised, weights, deltas):
+                self._state_tensor(i, into, state).copy_(delta)
+                w.add_(delta)
+
+    # -- host copies and draws (SSAM's masks, ranked on the host) ----------------------------------
+
+    def _whole(self, name: str, state: dict) -> list[Tensor]:
+        """Per parameter, ``name`` as real pairs: the weights, the gradient (zeros where absent) or
+        a state vector (created at zero). Whole tensors: refused on shards."""
+        if self.shards_parameters:
+            raise ValueError(
+                "this method reads whole parameters (a mask ranked over every weight), which are split "
+                "over DTensor (FSDP2) shards: it does not support DTensor parameters"
+            )
+        if name == "weights":
+            return [self._view(p.detach()) for p in self.params]
+        if name == "grads":
+            return [self._view(p.grad) if p.grad is not None else torch.zeros_like(self._view(p.detach())) for p in self.params]
+        return [self._state_tensor(i, name, state) for i in range(len(self.params))]
+
+    def read(self, name: str, state: dict) -> list[Any]:
+        return [host_copy(t) for t in self._whole(name, state)]
+
+    def write(self, name: str, values: list[Any], state: dict) -> None:
+        if name in ("grads", "weights", "backup"):
+            raise ValueError(f"write() sets a state vector, not {name!r}")
+        write_tensors(self._whole(name, state), values)
+
+    def draw_uniform(self, count: int, generator: torch.Generator) -> Any:
+        return draw_uniform(count, generator)
+
+    def drop_gradients(self, keep: list[bool]) -> None:
+        """``p.grad = None`` for each dropped parameter (the DTensor subclass: its local shards)."""
+        for i, k in enumerate(keep):
+            if not k:
+                self.params[i].grad = None
+        self.by_group = {gi: kept for gi, indices in self.by_group.items() if (kept := [i for i in indices if keep[i]])}
+
+    def scale(self, x: str, factor: float, state: dict) -> None:
+        """``x ← factor·x`` over the parameters that hold a gradient, one foreach op."""
+        with torch.no_grad():
+            xs = self._array(x, state)
+            if xs:
+                torch._foreach_mul_(xs, factor)

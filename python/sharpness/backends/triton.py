@@ -144,7 +144,7 @@ class TritonEngine(RustEngine):
         for gi, p_lo, p_hi, lo, hi in self.group_slices:
             group = groups[gi]
             if group["sam_rho"] == 0:
-                K.restore(b[lo:hi], w[lo:hi])  # only the backup the fused step reads
+                K.copy(w[lo:hi], b[lo:hi])  # only the backup the fused step reads
                 continue
             rho = float(-group["sam_rho"] if group.get("maximize", False) else group["sam_rho"])
             if group["sam_adaptive"]:
@@ -154,7 +154,7 @@ class TritonEngine(RustEngine):
                     if is_active:
                         K.perturb(w[a:z], g[a:z], b[a:z], norm, rho, NORM_EPS, eta)
                     else:
-                        K.restore(b[a:z], w[a:z])
+                        K.copy(w[a:z], b[a:z])
             else:
                 K.perturb(w[lo:hi], g[lo:hi], b[lo:hi], norm, rho, NORM_EPS, None)
         self.perturbed = True
@@ -169,7 +169,7 @@ class TritonEngine(RustEngine):
 
     def restore(self) -> None:
         if self.perturbed:
-            self.K.restore(self.buffers.weights, self.buffers.backup)
+            self.K.copy(self.buffers.backup, self.buffers.weights)
             self.perturbed = False
 
     # -- the fused steps -------------------------------------------------------------------------------
@@ -269,12 +269,16 @@ class TritonEngine(RustEngine):
     def copy(self, src: str, dst: str, state: dict) -> None:
         self._array(dst, state).copy_(self._array(src, state))
 
+    def _axpby_slice(self, xs: Tensor, ys: Tensor, lo: int, hi: int, alpha: float, beta: float) -> None:
+        """``axpby_by_group``'s slices, computed in fp32 and rounded once (as :meth:`axpby`)."""
+        ys[lo:hi] = xs[lo:hi].float() * alpha + ys[lo:hi].float() * beta
+
     # -- weights moved from a saved copy (SAMPa) -----------------------------------------------------------
 
     def save_weights(self) -> None:
         """``backup ← weights``, marking the weights as moved (restored bit for bit later)."""
         self.buffers.backups()
-        self.K.restore(self.buffers.backup, self.buffers.weights)
+        self.K.copy(self.buffers.weights, self.buffers.backup)
         self.perturbed = True
 
     def weights_from_backup(self, direction: str, scales: dict[int, float], state: dict) -> None:
@@ -285,7 +289,7 @@ class TritonEngine(RustEngine):
         w, b = self.buffers.weights, self.buffers.backup
         d = self.vector(direction, state)
         for gi, _, _, lo, hi in self.group_slices:
-            self.K.restore(w[lo:hi], b[lo:hi])
+            self.K.copy(b[lo:hi], w[lo:hi])
             scale = float(scales.get(gi, 0.0))
             if scale != 0.0:
                 w[lo:hi] = d[lo:hi].float() * scale + w[lo:hi].float()

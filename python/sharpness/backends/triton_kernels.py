@@ -513,16 +513,16 @@ def perturb(
         _launch_flat(_perturb_flat, [weights, grads, backups], n, *args, ADAPTIVE=adaptive)
 
 
-def restore(weights: Tensors, backups: Tensors) -> None:
-    """``w ← backups``, bit for bit."""
-    if _is_list(weights):
-        plan = _plan([list(weights), list(backups)])
+def copy(src: Tensors, dst: Tensors) -> None:
+    """``dst ← src``, bit for bit (sources first, as ``_core.copy`` and the engines' ``copy``)."""
+    if _is_list(dst):
+        plan = _plan([list(dst), list(src)])
         if plan.blocks and plan.n_tensors:
             _copy_multi[(plan.blocks,)](*plan.bases, plan.shifts, plan.n_tensors, plan.table, BLOCK=BLOCK, **_LAUNCH)
         return
-    n = _flat_check(weights, backups)
+    n = _flat_check(dst, src)
     if n:
-        _launch_flat(_copy_flat, [weights, backups], n)
+        _launch_flat(_copy_flat, [dst, src], n)
 
 
 def restore_sgd(

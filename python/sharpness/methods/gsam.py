@@ -3,6 +3,7 @@ checks, written once for both fronts (:class:`sharpness.GSAM`, :class:`sharpness
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sharpness._validation import number
@@ -136,12 +137,12 @@ class GSAM(Method):
         for group in self.param_groups:
             group["sam_rho"] = self.rho_t(group)
 
-    def _before_perturbation(self, engines: list[Engine]) -> None:
+    def _before_perturbation(self, engines: Sequence[Engine]) -> None:
         if self.alpha != 0:
             for engine in engines:
                 engine.copy("grads", _G, self.vectors)
 
-    def _before_base_step(self, engines: list[Engine]) -> None:
+    def _before_base_step(self, engines: Sequence[Engine]) -> None:
         if self.alpha == 0:
             return
         gp_gp = sum(engine.dot("grads", "grads", self.vectors) for engine in engines)

@@ -25,10 +25,12 @@ on the numpy front ``state[i]``), so it is checkpointed with everything else, an
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from sharpness._validation import number
 from sharpness.methods.base import Method
+from sharpness.methods.contract import Engine
 
 __all__ = ["EveryKSAM", "LookSAM"]
 
@@ -121,11 +123,11 @@ class LookSAM(Method):
     def _second_pass_due_by_count(self) -> bool:
         return self.sam_state["step"] % self.k == 0
 
-    def _before_perturbation(self, engines: list) -> None:
+    def _before_perturbation(self, engines: Sequence[Engine]) -> None:
         for engine in engines:  # keep g: g_v is computed from it once g_s is known
             engine.copy("grads", _GV, self.state)
 
-    def _before_base_step(self, engines: list) -> None:
+    def _before_base_step(self, engines: Sequence[Engine]) -> None:
         g_dot_g = sum(engine.dot(_GV, _GV, self.state) for engine in engines)
         g_dot_gs = sum(engine.dot("grads", _GV, self.state) for engine in engines)
         c = g_dot_gs / g_dot_g if g_dot_g > 0 else 0.0
@@ -133,7 +135,7 @@ class LookSAM(Method):
             engine.axpby("grads", _GV, 1.0, -c, self.state)
         self.sam_state["gv_norm"] = math.sqrt(sum(engine.dot(_GV, _GV, self.state) for engine in engines))
 
-    def _one_pass_gradient(self, engines: list, grad_norm: float) -> None:
+    def _one_pass_gradient(self, engines: Sequence[Engine], grad_norm: float) -> None:
         gv_norm = self.sam_state["gv_norm"]
         if self.alpha == 0 or gv_norm == 0:
             return

@@ -20,7 +20,7 @@ import numpy as np
 
 from sharpness._validation import flag, number, pair
 from sharpness.backends.numpy_engine import NumpyEngine
-from sharpness.methods.base import Method, Phase
+from sharpness.methods.base import Method, Phase, restored_on_failure
 
 __all__ = ["SAM", "BaseOptimizer", "check_params_usable"]
 
@@ -41,13 +41,19 @@ SAM_KEYS = ("sam_rho", "sam_adaptive", "sam_eta", "sam_norm_weight")
 class BaseOptimizer:
     """torch.optim's ``SGD``, ``Adam`` or ``AdamW`` step, taken by the engines' fused kernels with
     torch's semantics and argument names. ``state`` is per parameter index, as torch's
-    ``state_dict()["state"]`` numbers them; ``param_groups`` are the front's."""
+    ``state_dict()["state"]`` numbers them; ``param_groups`` are the front's. ``BaseOptimizer(None)``
+    serves a method with an update of its own (``Method.has_own_update``): groups and state only."""
 
     def __init__(self, name: Any) -> None:
-        if not isinstance(name, str) or name.lower() not in _BASES:
+        if name is None:  # no base step: the method's own update (kind and name None, no settings)
+            self.name: str | None = None
+            self.kind: str | None = None
+            self.defaults: dict[str, Any] = {}
+        elif not isinstance(name, str) or name.lower() not in _BASES:
             raise ValueError(f"base must be 'sgd', 'adam' or 'adamw', got {name!r}")
-        self.name = name.lower()
-        self.kind, self.defaults = _BASES[self.name]
+        else:
+            self.name = name.lower()
+            self.kind, self.defaults = _BASES[self.name]
         self.state: dict[int, dict[str, Any]] = {}
         self.param_groups: list[dict[str, Any]] = []
 
@@ -65,6 +71,8 @@ class BaseOptimizer:
         group["sam_adaptive"] = flag("sam_adaptive", group["sam_adaptive"])
         group["sam_eta"] = number("sam_eta", group["sam_eta"], minimum=0)
         group["sam_norm_weight"] = number("sam_norm_weight", group["sam_norm_weight"], above=0)
+        if self.kind is None:
+            return  # the method's own settings: its _setup_group checks them
         group["lr"] = number("lr", group["lr"], minimum=0)
         group["weight_decay"] = number("weight_decay", group["weight_decay"], minimum=0)
         group["maximize"] = flag("maximize", group["maximize"])
@@ -140,8 +148,10 @@ class SAM(Method):
             and any per-group setting, keyed as on the torch front: ``sam_rho``, ``lr`` ...).
         rho, adaptive, eta: SAM's radius, ASAM's switch and ASAM's ``η`` (group keys ``sam_rho``,
             ``sam_adaptive``, ``sam_eta``).
-        base: ``"sgd"``, ``"adam"`` or ``"adamw"`` (torch.optim's semantics and argument names).
-        seed: seed of :attr:`generator`, the optimizer's own random numbers (saved in checkpoints).
+        base: ``"sgd"`` (the default), ``"adam"`` or ``"adamw"`` (torch.optim's semantics and argument
+            names). A method with an update rule of its own (AdaSAM, BayesianSAM) takes none.
+        seed: seed of :attr:`generator`, the optimizer's own random numbers (saved in checkpoints):
+            an int, None, or a ``numpy.random.Generator`` (used as it is).
         **base_kwargs: the base optimizer's arguments: sgd ``lr=1e-3, momentum=0, dampening=0,
             weight_decay=0, nesterov=False, maximize=False``; adam/adamw ``lr=1e-3, betas=(0.9,
             0.999), eps=1e-8, weight_decay=0`` (adamw ``1e-2``, decoupled), ``amsgrad=False,
@@ -176,11 +186,24 @@ class SAM(Method):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.01,
-        base: str = "sgd",
-        seed: int | None = None,
+        base: str | None = None,
+        seed: int | np.random.Generator | None = None,
         **base_kwargs: Any,
     ) -> None:
-        base_optimizer = BaseOptimizer(base)
+        if not (seed is None or isinstance(seed, np.random.Generator)) and (
+            isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer))
+        ):
+            raise TypeError(f"seed must be an int, None or a numpy Generator (used as it is), got {type(seed).__name__}")
+        if isinstance(seed, (int, np.integer)) and seed < 0:  # numpy's own message does not name it
+            raise ValueError(f"seed must be an integer >= 0, got {seed}")
+        rho = number("rho", rho, minimum=0)  # named as given (the groups' check names sam_rho)
+        eta = number("eta", eta, minimum=0)
+        if self.has_own_update:  # the method's own update (Method.has_own_update): no base step
+            if base is not None:
+                raise TypeError(f"{type(self).__name__} has an update rule of its own: it takes no base (got base={base!r})")
+            if base_kwargs:
+                raise TypeError(f"unknown argument(s) for {type(self).__name__}: {', '.join(sorted(base_kwargs))}")
+        base_optimizer = BaseOptimizer(None if self.has_own_update else "sgd" if base is None else base)
         unknown = sorted(set(base_kwargs) - set(base_optimizer.defaults))
         if unknown:
             raise TypeError(
@@ -271,13 +294,20 @@ class SAM(Method):
 
     # -- the call's gradients ----------------------------------------------------------------------
 
-    def _take(self, grads: Sequence[np.ndarray]) -> list[NumpyEngine]:
-        """Checks ``grads``, the parameters and every group's settings, then hands the gradients
-        to the engines. Nothing has changed when this raises."""
+    def _begin(self) -> list[NumpyEngine]:
+        """The engines, after checking the parameters and every group's settings (as the torch
+        front's ``_begin``: what a method's work before the first gradient, e.g. RandomSAM's
+        ``add_noise()``, starts with). Nothing has changed when this raises."""
         check_params_usable(self.params)
         for group in self.param_groups:
             self.base_optimizer.check_group(group, self.group_keys)
             self._setup_group(group)
+        return self._engines
+
+    def _take(self, grads: Sequence[np.ndarray]) -> list[NumpyEngine]:
+        """Checks ``grads``, the parameters and every group's settings, then hands the gradients
+        to the engines. Nothing has changed when this raises."""
+        self._begin()
         if isinstance(grads, np.ndarray):
             raise TypeError("grads must be a list of numpy arrays (one per parameter), not one array")
         try:
@@ -308,19 +338,41 @@ class SAM(Method):
         """True between a :meth:`first_step` that asked for a second pass and :meth:`second_step`."""
         return self._pending is not None
 
+    def begin_step(self) -> None:
+        """Starts a step of a method that takes its first gradient elsewhere than at ``w``
+        (:attr:`begins_before_first_gradient`; SAMPa: at ``y``): saves ``w`` and moves the
+        weights there. Then :meth:`first_step` with the gradients there, and so on
+        (``step(grad_fn)`` calls it first itself; :meth:`restore` puts ``w`` back)."""
+        if not self.begins_before_first_gradient:
+            raise RuntimeError(f"{type(self).__name__} takes its first gradient at w: its step has no begin_step()")
+        if self._pending is not None:
+            raise RuntimeError("begin_step() while a step is pending; finish it with second_step(grads) (or restore()) first")
+        engines = self._begin()
+        self._start_step()
+        with restored_on_failure(engines):
+            self._begin_step(engines)
+        self._pending = Phase.AT_Y
+
     def first_step(self, grads: Sequence[np.ndarray]) -> bool:
         """Moves the weights to ``w + e`` from ``grads`` = ``∇L(w)`` (one array per parameter).
 
         Returns whether a second pass and :meth:`second_step` must follow (always for SAM; methods
         that skip the second pass on some steps take their whole step here and return False).
         ``last_grad_norm`` is the norm the perturbation was scaled by (NaN when not computed)."""
-        if self._pending is not None:
+        if self.steps_by_evaluations:
+            raise RuntimeError(self._whole_step_only())
+        begun = self._pending == Phase.AT_Y  # begin_step() started the step
+        if self._pending is not None and not begun:
             raise RuntimeError(
                 "first_step() was called twice without second_step() in between; "
                 "call second_step(grads) (or restore()) first"
             )
+        if self.begins_before_first_gradient and not begun:
+            raise RuntimeError(f"{type(self).__name__}.first_step() needs begin_step() before it (or use step(grad_fn))")
         engines = self._take(grads)
-        self._start_step()
+        if not begun:
+            self._start_step()
+        self._first_gradient_taken(engines)
         by_count = self._second_pass_due_by_count()
         if by_count is False:
             self.last_grad_norm = math.nan  # not computed: nothing needs it
@@ -341,21 +393,34 @@ class SAM(Method):
 
     def _plain_step(self, engines: list[NumpyEngine]) -> None:
         """The base step with ``"grads"``, nothing perturbed."""
+        self._restore_and_step(engines)
+
+    def _restore_and_step(self, engines: list[NumpyEngine]) -> None:
+        """``w`` restored where it moved, then the base step with ``"grads"``: the base optimizer's
+        fused kernel, or the method's own update (``has_own_update``)."""
+        if self.has_own_update:
+            for engine in engines:
+                engine.restore()
+            self._own_update(engines)
+            return
         for engine in engines:
             engine.restore_and_step(self.base_optimizer, self.param_groups)
 
     def second_step(self, grads: Sequence[np.ndarray]) -> None:
         """Restores ``w`` and takes the base step with ``grads`` = ``∇L(w + e)``. An error in
         ``grads`` changes nothing (the step is still pending); an error after that restores ``w``."""
+        if self.steps_by_evaluations:
+            raise RuntimeError(self._whole_step_only())
         if self._pending is None:
             raise RuntimeError("second_step() needs a first_step() before it (or use step(grad_fn))")
+        if self._pending == Phase.AT_Y:
+            raise RuntimeError("second_step() after begin_step() needs first_step(grads) (the gradients there) before it")
         engines = self._take(grads)
         pending = self._pending
         try:
             if pending == Phase.PERTURBED:
                 self._before_base_step(engines)
-                for engine in engines:
-                    engine.restore_and_step(self.base_optimizer, self.param_groups)
+                self._restore_and_step(engines)
             else:
                 for engine in engines:
                     engine.restore()
@@ -372,20 +437,118 @@ class SAM(Method):
         self.stats["steps"] += 1
         self.sam_state["step"] += 1
 
-    def step(self, grad_fn: Callable[[list[np.ndarray]], tuple[Any, Sequence[np.ndarray]]]) -> Any:
+    def step(self, grad_fn: Callable[[list[np.ndarray]], tuple[Any, Sequence[np.ndarray]]], *more: Any) -> Any:
         """One whole step: ``grad_fn(params) -> (loss, grads)`` at ``w``, and again at ``w + e``
         when a second pass is due. Returns the first call's loss. If the second call raises, the
-        weights are restored to ``w`` before the exception goes on."""
-        loss, grads = self._call(grad_fn)
-        if not self.first_step(grads):
-            return loss
+        weights are restored to ``w`` before the exception goes on. ``more``: the further
+        gradient functions a method's step takes (``step_functions``: LETS's validation one),
+        used after the step (``_after_whole_step``), or for the first gradient (SAMPa's at ``y``:
+        ``_first_gradient_function``)."""
+        more = self._checked_step_functions(more)
+        if self.steps_by_evaluations:  # the method takes its own gradients through grad_fn
+            return self._step_by_grad_fn(grad_fn)
+        if self.selects_samples:  # grad_fn takes sample indices and returns per-sample losses
+            return self._per_sample_step(grad_fn)
+        moved = self._before_first_pass()
         try:
-            _, grads = self._call(grad_fn)
+            loss, grads = self._call(self._first_gradient_function(grad_fn, more))
+            due = self.first_step(grads)
+        except BaseException:
+            if moved:
+                self.restore()  # never leave the weights moved behind an exception
+            raise
+        if due:
+            try:
+                _, grads = self._call(grad_fn)
+            except BaseException:
+                self.restore()
+                raise
+            self.second_step(grads)
+        if more:
+            self._after_whole_step(grad_fn, more)
+        return loss
+
+    def _per_sample_step(self, grad_fn: Callable[..., tuple[Any, Sequence[np.ndarray]]]) -> Any:
+        """The whole step of a method that :attr:`selects_samples` (ESAM): ``grad_fn(params,
+        indices)`` returns the per-sample losses of the samples ``indices`` (None: the whole batch;
+        else an int64 array), a 1-d array, and the gradients of their mean. Called at ``w``, at
+        ``w + e`` where the method ranks the samples (its gradients unused), and at ``w + e`` on the
+        samples it picks. Returns the mean loss at ``w``. The method's first-pass context is not
+        entered: ``grad_fn`` computes every gradient anyway, and a draw it makes waits for
+        ``first_step``, after the call's checks (the call stays all or nothing)."""
+        before, grads = self._per_sample_call(grad_fn, None)
+        if not self.first_step(grads):
+            return before.mean()  # a one-pass step: already taken
+        try:
+            indices = self._second_pass_samples(before, lambda: self._per_sample_call(grad_fn, None)[0])
+            _, grads = self._per_sample_call(grad_fn, indices)
         except BaseException:
             self.restore()
             raise
         self.second_step(grads)
+        return before.mean()
+
+    def _per_sample_call(self, grad_fn: Callable[..., Any], indices: Any) -> tuple[np.ndarray, Any]:
+        losses, grads = self._call(lambda params: grad_fn(params, indices))
+        losses = np.asarray(losses)
+        if losses.ndim != 1:
+            raise ValueError(
+                f"{type(self).__name__}'s grad_fn(params, indices) must return the per-sample losses, a 1-d array, "
+                f"and the gradients of their mean; got losses of shape {losses.shape}"
+            )
+        return losses, grads
+
+    def _whole_step_only(self) -> str:
+        return f"{type(self).__name__} takes {self.evaluations_per_step}: call step(grad_fn)"
+
+    def _step_by_grad_fn(self, grad_fn: Callable[..., Any]) -> Any:
+        """``step(grad_fn)`` of a method that takes its own gradients
+        (:meth:`Method._step_by_evaluations`): ``evaluate(*args)`` calls ``grad_fn(params, *args)``
+        and hands its gradients to the engines (the method reads them before its next call, so
+        ``grad_fn`` may reuse its output arrays); then the base step, from the saved ``w`` where
+        the weights moved. An exception anywhere restores ``w``."""
+
+        def evaluate(*args: Any) -> tuple[Any, list[NumpyEngine]]:
+            loss, grads = self._call(lambda params: grad_fn(params, *args))
+            return loss, self._take(grads)
+
+        self._start_step()
+        try:
+            loss = self._step_by_evaluations(evaluate)
+            pending = self._pending
+            if pending == Phase.PERTURBED:
+                self._before_base_step(self._engines)
+            self._restore_and_step(self._engines)  # restores w first where it moved
+        except BaseException:
+            self.restore()
+            raise
+        self._pending = None
+        if pending == Phase.PERTURBED:
+            self._after_base_step(self._engines)
+        self._finish_step()
         return loss
+
+    def _gradients_at(self, grad_fn: Callable[..., Any]) -> tuple[Any, float, list[Any]]:
+        """``grad_fn(params) -> (loss, grads)`` at the current weights, its gradients handed to the
+        engines (see :meth:`Method._gradients_at`)."""
+        loss, grads = self._call(grad_fn)
+        return loss, float(loss), self._take(grads)
+
+    def _engines_with_gradients(self, grads: Any = None) -> list:
+        """``grads`` handed to the engines, checked (see :meth:`Method._engines_with_gradients`)."""
+        if grads is None:
+            raise ValueError("this call needs grads: the gradient at the current weights, one array per parameter")
+        return self._take(grads)
+
+    def _host_array(self, value: Any, like: np.ndarray) -> np.ndarray:
+        """``value`` as a numpy array of ``like``'s shape (see :meth:`Method._host_array`)."""
+        array = np.asarray(value)
+        if array.shape != like.shape:
+            raise ValueError(f"shape {array.shape}, but the parameter has shape {like.shape}")
+        return array
+
+    def _front_array(self, host: np.ndarray) -> np.ndarray:
+        return host
 
     def _call(self, grad_fn: Callable[..., Any]) -> tuple[Any, Any]:
         out = grad_fn(self.params)
@@ -493,8 +656,14 @@ class SAM(Method):
                 if not 0 <= i < len(self.params) or not isinstance(value, np.ndarray) or value.shape != self.params[i].shape:
                     raise ValueError(f"state_dict['sam']['vectors'][{name!r}][{key!r}] does not match the parameters")
                 vectors.setdefault(i, {})[name] = np.array(value, dtype=self.params[i].dtype, order="C", copy=True)
-        generator = np.random.default_rng()
-        generator.bit_generator.state = sam["generator"]
+        generator = None  # a dict without the generator's state leaves the generator as it is (as torch's front)
+        if "generator" in sam:  # checked on a generator of this one's kind (a Generator given as seed may differ)
+            generator = np.random.Generator(type(self.generator.bit_generator)())
+            try:
+                generator.bit_generator.state = sam["generator"]
+            except (ValueError, TypeError, KeyError) as error:
+                kind = type(generator.bit_generator).__name__
+                raise ValueError(f"state_dict['sam']['generator'] is not the state of a {kind} generator: {error}") from None
         for group, new in zip(self.param_groups, groups):
             group.clear()
             group.update(new)
@@ -502,7 +671,8 @@ class SAM(Method):
         self.state.update(state)
         self.stats.clear()
         self.stats.update(sam.get("stats", {}))
-        self.generator.bit_generator.state = generator.bit_generator.state
+        if generator is not None:
+            self.generator.bit_generator.state = generator.bit_generator.state
         self.sam_state.update(copy.deepcopy(sam.get("state", {})))
         names = self._checkpointed_vectors()
         for entry in self.vectors.values():

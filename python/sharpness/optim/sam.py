@@ -62,6 +62,19 @@ _AMP_HOW_TO_CALL = (
 )
 
 
+class _OwnUpdate(torch.optim.Optimizer):
+    """The "base optimizer" of a method with an update of its own (``Method.has_own_update``): it
+    holds the parameter groups (the method's settings) and the per-parameter state, so that
+    ``state_dict`` keeps torch's format and LR schedulers see ``group["lr"]``; the step is the
+    method's (:meth:`SAM._plain_step` calls ``_own_update``), never this object's."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure: Callable | None = None) -> None:  # type: ignore[override]
+        raise RuntimeError("this holds the groups and state of a method with its own update: call the method's step()")
+
+
 class SAM(Method, torch.optim.Optimizer):
     r"""Sharpness-Aware Minimization around any ``torch.optim`` base optimizer.
 
@@ -98,7 +111,8 @@ class SAM(Method, torch.optim.Optimizer):
     Args:
         params: parameters or parameter groups, as for any torch optimizer.
         base_optimizer: a ``torch.optim.Optimizer`` class, built on the same parameter groups
-            with ``base_kwargs``, or an instance already built on these parameters.
+            with ``base_kwargs``, or an instance already built on these parameters. A method with
+            an update rule of its own (AdaSAM, BayesianSAM: ``has_own_update``) takes none.
         rho: the radius ``ρ`` (0.05 is SAM's usual value; ASAM uses 0.5–2).
         adaptive: ASAM's scale-invariant perturbation.
         eta: ASAM's ``η`` (0.01 in the paper; 0 gives the widely copied form).
@@ -144,7 +158,7 @@ class SAM(Method, torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+        base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer | None = None,
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.01,
@@ -170,7 +184,19 @@ class SAM(Method, torch.optim.Optimizer):
                 # torch only warns, then steps such a parameter once per listing; the flat
                 # buffers hold it once. Refuse rather than silently differ.
                 raise ValueError("a parameter group lists the same parameter more than once (duplicate parameters)")
-        if isinstance(base_optimizer, torch.optim.Optimizer):
+        if self.has_own_update:  # the method's own update (Method.has_own_update): no base optimizer
+            name = type(self).__name__
+            if base_optimizer is not None:
+                raise TypeError(
+                    f"{name} has an update rule of its own: it takes no base optimizer (got {base_optimizer!r}); "
+                    "pass its settings by keyword"
+                )
+            if base_kwargs:
+                raise TypeError(f"unknown argument(s) for {name}: {', '.join(sorted(base_kwargs))}")
+            self.base_optimizer = _OwnUpdate(self.param_groups)
+        elif base_optimizer is None:
+            raise TypeError(f"{type(self).__name__} needs a base_optimizer: a torch.optim.Optimizer class or instance")
+        elif isinstance(base_optimizer, torch.optim.Optimizer):
             if base_kwargs:
                 raise TypeError(f"base optimizer arguments {sorted(base_kwargs)} given with an optimizer instance")
             mine = {id(p) for g in self.param_groups for p in g["params"]}
@@ -346,6 +372,25 @@ class SAM(Method, torch.optim.Optimizer):
     # -- the two halves of a SAM step ---------------------------------------------------------
 
     @torch.no_grad()
+    def begin_step(self) -> None:
+        """Starts a step of a method that takes its first gradient elsewhere than at ``w``
+        (:attr:`begins_before_first_gradient`; SAMPa: at ``y``): saves ``w`` and moves the
+        weights there. Step pre-hooks run here. Then a backward there, :meth:`first_step`, and so
+        on (``step(closure)`` calls it first itself; :meth:`restore` puts ``w`` back)."""
+        if not self.begins_before_first_gradient:
+            raise RuntimeError(f"{type(self).__name__} takes its first gradient at w: its step has no begin_step()")
+        if self._pending is not None:
+            raise RuntimeError("begin_step() while a step is pending; finish it with second_step() (or restore()) first")
+        if not self._in_step:
+            self._pre_hooks((), {})
+        self._start_step()
+        self._first_step_scaled = False
+        engines = self._begin()
+        with restored_on_failure(engines):
+            self._begin_step(engines)
+        self._pending = Phase.AT_Y
+
+    @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> bool:
         """Moves the weights to ``w + e`` using the gradients now in ``p.grad``.
 
@@ -378,15 +423,22 @@ class SAM(Method, torch.optim.Optimizer):
             scaler.update()
             opt.zero_grad()
         """
-        if self._pending is not None:
+        if self.steps_by_evaluations:
+            raise RuntimeError(self._whole_step_only())
+        begun = self._pending == Phase.AT_Y  # begin_step() started the step (pre-hooks, _start_step)
+        if self._pending is not None and not begun:
             raise RuntimeError("first_step() was called twice without second_step() in between; " + _HOW_TO_CALL)
-        if not self._in_step:
-            self._pre_hooks((), {"zero_grad": zero_grad})
-        self._start_step()
+        if self.begins_before_first_gradient and not begun:
+            raise RuntimeError(f"{type(self).__name__}.first_step() needs begin_step() and a backward there before it")
+        if not begun:
+            if not self._in_step:
+                self._pre_hooks((), {"zero_grad": zero_grad})
+            self._start_step()
         self._first_step_scaled = grad_scaler is not None
         self._one_pass_on_scaled = False
         with profiled("SAM.first_step"):
             engines = self._begin()
+            self._first_gradient_taken(engines)
             by_count = self._second_pass_due_by_count()
             if by_count is False and not self.rewrites_one_pass_gradient:
                 scale = None  # the gradient is stepped on as it is: no need to unscale it here
@@ -405,6 +457,14 @@ class SAM(Method, torch.optim.Optimizer):
                 return True
             norm = math.sqrt(sum(float(s) for s in sums))
             self.last_grad_norm = norm
+            if begun and grad_scaler is not None and not math.isfinite(norm):
+                # An overflow where begin_step() moved to: w back, and the step left to
+                # scaler.step(opt), which finds the inf in p.grad and skips it (update() lowers the scale).
+                for engine in engines:
+                    engine.restore()
+                self._pending = Phase.SKIP_STEP
+                self._deferred_zero_grad = zero_grad
+                return False
             if math.isfinite(norm) and not self._second_pass_due(norm):
                 self._one_pass_step(engines, norm, zero_grad, grad_scaler, scale)
                 return False
@@ -412,9 +472,6 @@ class SAM(Method, torch.optim.Optimizer):
             if zero_grad:
                 self.zero_grad()
         return True
-
-    # Undoes what the engines moved when a block raises (kept here for the standalone methods).
-    _restored_on_failure = staticmethod(restored_on_failure)
 
     def _one_pass_step(self, engines: list, grad_norm: float, zero_grad: bool, grad_scaler: Any, scale: Tensor | None) -> None:
         """A step without a second pass: taken now, or, with a GradScaler, left for
@@ -514,8 +571,15 @@ class SAM(Method, torch.optim.Optimizer):
 
     def _plain_step(self, engines: list[RustEngine | TorchEngine], fused: bool = True, synced: bool = False) -> None:
         """The base step with the gradients in ``p.grad`` and no perturbation to undo
-        (``synced``: the engines' :meth:`begin` ran since the last backward)."""
-        if fused and self._fuses(engines):
+        (``synced``: the engines' :meth:`begin` ran since the last backward). A method with an
+        update of its own takes that instead (``has_own_update``)."""
+        if self.has_own_update:
+            if not synced:
+                for engine in engines:
+                    engine.begin()  # re-attach any gradient view replaced since
+            self._own_update(engines)
+            self.stats["base_steps"] += 1
+        elif fused and self._fuses(engines):
             for engine in engines:
                 engine.restore_and_step(self.base_optimizer, self.param_groups, synced=synced)
         else:
@@ -583,8 +647,12 @@ class SAM(Method, torch.optim.Optimizer):
         the gradients now in ``p.grad`` (taken at ``w + e``). After a one-pass step that
         :meth:`first_step` left for the GradScaler (``grad_scaler=``; normally ``scaler.step(opt)``
         finishes it), the base step with the direction in ``p.grad``."""
+        if self.steps_by_evaluations and not self._in_step:
+            raise RuntimeError(self._whole_step_only())
         if self._pending is None:
             raise RuntimeError("second_step() needs a first_step() before it; " + _HOW_TO_CALL)
+        if self._pending == Phase.AT_Y:
+            raise RuntimeError("second_step() after begin_step() needs first_step() (with the gradient there) before it")
         if self._pending in ("one_pass", "skip_step"):
             self._finish_deferred(zero_grad)
             return
@@ -638,7 +706,9 @@ class SAM(Method, torch.optim.Optimizer):
             self._post_hooks((), {})  # the pre-hooks ran in first_step
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Tensor] | None = None, *more: Callable[[], Tensor] | None
+    ) -> Tensor | None:
         """A whole SAM step with a closure, or the second half after :meth:`first_step`.
 
         ``closure`` zeroes the gradients, runs the forward and backward passes and returns the
@@ -648,13 +718,37 @@ class SAM(Method, torch.optim.Optimizer):
         themselves need) and raises otherwise. With a closure after :meth:`first_step`, the
         closure is the second pass: it runs once, at ``w + e``, then the step completes (what
         Lightning's manual optimization and its AMP plugin need); its loss is returned.
+        ``more``: the further closures a method's step takes (``step_functions``: LETS's
+        validation closure), used within the step after it (``_after_whole_step``), or for the
+        first gradient (SAMPa's at ``y``: ``_first_gradient_function``).
         """
+        more = self._checked_step_functions(more)
         scaled = self._under_grad_scaler()
+        if self.steps_by_evaluations:  # the method takes its own gradients through the closure
+            if closure is None:
+                raise RuntimeError(self._whole_step_only())
+            return self._hooked_step(closure, self._step_by_closure)
         if closure is None:
+            if more:
+                raise ValueError(f"step() got {', '.join(self.step_functions)} without the training closure before it")
             self._complete_step(scaled)
             return None
         if scaled:
             raise RuntimeError("GradScaler.step() cannot run a SAM closure; " + _AMP_HOW_TO_CALL)
+        if self.selects_samples:  # the closure takes sample indices and returns per-sample losses
+            return self._hooked_step(closure, self._per_sample_step)
+        if self._pending is not None and more:
+            raise RuntimeError(
+                f"step() with {', '.join(self.step_functions)} after first_step(): finish that step with second_step() first"
+            )
+        if more:
+
+            def body(c: Callable[[], Tensor]) -> Tensor:
+                loss = self._closure_step(c, self._first_gradient_function(c, more))
+                self._after_whole_step(c, more)
+                return loss
+
+            return self._hooked_step(closure, body)
         if self._pending is not None:  # after first_step(): the closure is the second pass
             try:
                 with torch.enable_grad():
@@ -665,6 +759,92 @@ class SAM(Method, torch.optim.Optimizer):
             self.second_step()
             return loss
         return self._hooked_step(closure, self._closure_step)
+
+    def _whole_step_only(self) -> str:
+        return f"{type(self).__name__} takes {self.evaluations_per_step}: call step(closure)"
+
+    def _step_by_closure(self, closure: Callable[..., Tensor]) -> Tensor:
+        """``step(closure)`` of a method that takes its own gradients
+        (:meth:`Method._step_by_evaluations`), then the end of the step its phase asks for; an
+        exception restores ``w``."""
+        self._start_step()
+        try:
+            loss = self._step_by_evaluations(self._evaluator(closure))
+        except BaseException:
+            self.restore()  # never leave the weights moved behind an exception
+            raise
+        if self._pending is None:
+            self._plain_step(self._begin())
+            self._finish_step(zero_grad=False)
+        else:
+            self.second_step()
+        return loss
+
+    def _evaluator(self, closure: Callable[..., Tensor]) -> Callable[..., tuple[Tensor, list]]:
+        """``evaluate(*args)`` for :meth:`Method._step_by_evaluations`: ``closure(*args)`` at the
+        current weights (gradients enabled), its gradients taken into the engines. With
+        ``same_noise`` each evaluation with the same ``args`` replays the random state the first
+        one started from (the same dropout at every point) and leaves it where the first left it."""
+        first_states: dict[tuple, tuple[_RandomState, _RandomState]] = {}
+
+        def evaluate(*args: Any) -> tuple[Tensor, list]:
+            replay = first_states.get(args) if self.same_noise else None
+            if replay is not None:
+                replay[0].restore()
+            elif self.same_noise:
+                before = _RandomState.capture(self._devices())
+            try:
+                with torch.enable_grad():
+                    loss = closure(*args)
+            finally:
+                if replay is not None:
+                    replay[1].restore()
+            if self.same_noise and replay is None:
+                first_states[args] = (before, _RandomState.capture(self._devices()))
+            return loss, self._begin()
+
+        return evaluate
+
+    def _gradients_at(self, closure: Callable[[], Tensor]) -> tuple[Tensor, float, list]:
+        """Runs ``closure`` (gradients enabled) at the current weights; its gradients go to the
+        engines (see :meth:`Method._gradients_at`)."""
+        with torch.enable_grad():
+            loss = closure()
+        # (a closure that only runs the backward pass, as SSAM's per-sample ones, returns None)
+        value = math.nan if loss is None else float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        return loss, value, self._begin()
+
+    def _engines_with_gradients(self, grads: Any = None) -> list:
+        """The engines, holding the gradients in ``p.grad`` (see :meth:`Method._engines_with_gradients`)."""
+        if grads is not None:
+            raise TypeError("on the torch front the gradient is read from p.grad: call this without grads")
+        return self._begin()
+
+    def _host_array(self, value: Any, like: Tensor) -> Any:
+        """``value`` (a tensor on any device, or anything ``torch.as_tensor`` takes) as a host numpy
+        array of ``like``'s real-pair shape (see :meth:`Method._host_array`)."""
+        t = real_view(torch.as_tensor(value).detach())  # a complex value: its real pairs too
+        shape = real_view(like.detach()).shape
+        if t.shape != shape:
+            raise ValueError(f"shape {tuple(t.shape)}, but the parameter's (real pairs) is {tuple(shape)}")
+        t = t.to("cpu")
+        return (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).numpy().copy()
+
+    def _front_array(self, host: Any) -> Tensor:
+        return torch.from_numpy(host)
+
+    @contextmanager
+    def _withheld_gradients(self, params: list[Tensor]) -> Iterator[None]:
+        """``requires_grad`` off for ``params`` during the block, so that backward computes no
+        gradient for them (see :meth:`Method._withheld_gradients`); it changes no layout."""
+        frozen = [p for p in params if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
 
     def _complete_step(self, scaled: bool) -> None:
         """``step()`` without a closure: the rest of the step :meth:`first_step` began, under
@@ -754,11 +934,20 @@ class SAM(Method, torch.optim.Optimizer):
             self._post_hooks(args, kwargs)
         return loss
 
-    def _closure_step(self, closure: Callable[[], Tensor]) -> Tensor:
+    def _closure_step(self, closure: Callable[[], Tensor], first_closure: Callable[[], Tensor] | None = None) -> Tensor:
+        """A whole step: ``first_closure`` (default ``closure``) for the first gradient, ``closure``
+        for the second."""
+        moved = self._before_first_pass()
         noise = _RandomState.capture(self._devices()) if self.same_noise else None
-        with torch.enable_grad():
-            loss = closure()
-        if not self.first_step():
+        try:
+            with torch.enable_grad():
+                loss = (closure if first_closure is None else first_closure)()
+            due = self.first_step()
+        except BaseException:
+            if moved:
+                self.restore()  # never leave the weights moved behind an exception
+            raise
+        if not due:
             return loss  # a one-pass step (variants of SAM): already taken
         if noise is not None:
             after_first = _RandomState.capture(self._devices())
@@ -775,6 +964,60 @@ class SAM(Method, torch.optim.Optimizer):
         self.second_step()
         return loss
 
+    def _per_sample_step(self, closure: Callable[..., Tensor]) -> Tensor:
+        """The whole step of a method that :attr:`selects_samples` (ESAM): ``closure(indices=None)``
+        runs the forward pass only, on the samples ``indices`` (None: the whole batch), and returns
+        their per-sample losses (shape ``[B]``); the optimizer zeroes the gradients and
+        back-propagates their mean itself. Called at ``w`` (in the method's ``_first_pass``), at
+        ``w + e`` without gradient where the method ranks the samples, and at ``w + e`` on the
+        samples it picks; with ``same_noise``, every call in the first one's random state. Returns
+        the mean loss at ``w``."""
+        noise = _RandomState.capture(self._devices()) if self.same_noise else None
+        with self._first_pass():
+            before = self._per_sample_backward(closure, None, first=True)
+        if not self.first_step():
+            return before.mean()  # a one-pass step: already taken
+        after_first = _RandomState.capture(self._devices()) if noise is not None else None
+
+        def at_perturbed() -> Tensor:
+            if noise is not None:
+                noise.restore()
+            return self._per_sample_losses(closure, None)  # under step's no_grad: ranking only
+
+        try:
+            indices = self._second_pass_samples(before, at_perturbed)
+            if noise is not None:
+                noise.restore()
+            self._per_sample_backward(closure, indices)
+        except BaseException:
+            self.restore()  # never leave the weights perturbed behind an exception
+            raise
+        finally:
+            if after_first is not None:
+                after_first.restore()
+        self.second_step()
+        return before.mean()
+
+    def _per_sample_losses(self, closure: Callable[..., Tensor], indices: Tensor | None) -> Tensor:
+        losses = closure(indices)
+        if not isinstance(losses, Tensor) or losses.dim() != 1:
+            raise ValueError(
+                f"the {type(self).__name__} closure must return the per-sample losses, a tensor of shape [B] "
+                "(use reduction='none'), got "
+                + (f"shape {tuple(losses.shape)}" if isinstance(losses, Tensor) else type(losses).__name__)
+            )
+        return losses
+
+    def _per_sample_backward(self, closure: Callable[..., Tensor], indices: Tensor | None, first: bool = False) -> Tensor:
+        """Gradients zeroed, then the mean of ``closure(indices)``'s per-sample losses back-propagated
+        (not in a first pass whose every parameter was withheld: nothing to differentiate)."""
+        self.zero_grad()
+        with torch.enable_grad():
+            losses = self._per_sample_losses(closure, indices)
+            if not (first and not losses.requires_grad):
+                losses.mean().backward()
+        return losses.detach()
+
     # torch.optim.Optimizer wraps `step` with its hooks unless it is marked: SAM runs them itself,
     # once per SAM step whichever API is used.
     step.hooked = True  # type: ignore[attr-defined]
@@ -786,7 +1029,7 @@ class SAM(Method, torch.optim.Optimizer):
         (``step(closure)`` does it itself). Returns whether there was something to undo."""
         pending, self._pending = self._pending, None
         self._deferred_zero_grad = False
-        if pending == "perturbed":
+        if pending in (Phase.PERTURBED, Phase.AT_Y):
             for engine in self.engines():
                 engine.restore()
         return pending is not None

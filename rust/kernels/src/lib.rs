@@ -21,7 +21,7 @@ pub mod steps;
 pub use blas::{axpby, dot};
 pub use element::{Element, Real};
 pub use norms::{sum_of_squares, sum_of_squares_adaptive};
-pub use perturb::{perturb, perturb_adaptive, perturb_offsets, restore, subtract_offsets};
+pub use perturb::{copy, perturb, perturb_adaptive, perturb_offsets, subtract_offsets};
 pub use scan::any_nonzero;
 pub use steps::{adam_step, restore_adam, restore_sgd, sgd_step, AdamHyper, SgdHyper};
 

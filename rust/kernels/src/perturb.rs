@@ -84,13 +84,14 @@ pub fn perturb_adaptive<E: Element>(
     Ok(())
 }
 
-/// `w ← backup`: the exact undo of [`perturb`] and [`perturb_adaptive`].
-pub fn restore<E: Element>(weights: &mut [&mut [E]], backups: &[&[E]]) -> Result<(), KernelError> {
-    let lens = lengths(weights);
-    check_aligned(&lens, backups, "backups")?;
+/// `dst ← src`, bit for bit: the exact undo of [`perturb`] and [`perturb_adaptive`] (weights from
+/// their backup), and every other copy between buffers. Sources first, as in the engines' `copy`.
+pub fn copy<E: Element>(src: &[&[E]], dst: &mut [&mut [E]]) -> Result<(), KernelError> {
+    let lens = lengths(dst);
+    check_aligned(&lens, src, "src")?;
     let total = lens.iter().sum();
-    let items: Vec<_> = chunks_mut(weights).zip(chunks(backups)).collect();
-    for_each(items, total, |(w, b)| w.copy_from_slice(b));
+    let items: Vec<_> = chunks_mut(dst).zip(chunks(src)).collect();
+    for_each(items, total, |(d, s)| d.copy_from_slice(s));
     Ok(())
 }
 
@@ -185,7 +186,7 @@ mod tests {
             perturb::<E>(&mut [&mut w], &[&g], &mut [&mut b], scale).unwrap();
         }
         assert_eq!(b, w0);
-        restore::<E>(&mut [&mut w], &[&b]).unwrap();
+        copy::<E>(&[&b], &mut [&mut w]).unwrap();
         assert_eq!(w, w0);
     }
 
@@ -213,7 +214,7 @@ mod tests {
         let mut b = vec![0.0f32; 3];
         let g = vec![0.0f32; 4];
         assert!(perturb::<f32>(&mut [&mut w], &[&g], &mut [&mut b], 1.0).is_err());
-        assert!(restore::<f32>(&mut [&mut w], &[]).is_err());
+        assert!(copy::<f32>(&[], &mut [&mut w]).is_err());
     }
 
     #[test]

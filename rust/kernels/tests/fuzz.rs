@@ -485,24 +485,24 @@ fn fuzz_offsets<E: Fuzz>(
     check_lists("subtract_offsets weights", &w, &want_back)
 }
 
-fn fuzz_restore<E: Fuzz>(
+fn fuzz_copy<E: Fuzz>(
     seed: u64,
     lens: &[usize],
     defect: Option<Defect>,
 ) -> Result<(), TestCaseError> {
     let mut rng = Rng(seed);
     let pct = rng.special_pct();
-    let (shapes, bad) = argument_lengths(lens, &["weights", "backups"], defect);
-    let w0: Vec<Vec<E>> = rng.tensors(&shapes[0], pct);
-    let b: Vec<Vec<E>> = rng.tensors(&shapes[1], pct);
-    let mut w = w0.clone();
-    let result = k::restore::<E>(&mut muts(&mut w), &refs(&b));
+    let (shapes, bad) = argument_lengths(lens, &["dst", "src"], defect);
+    let d0: Vec<Vec<E>> = rng.tensors(&shapes[0], pct);
+    let src: Vec<Vec<E>> = rng.tensors(&shapes[1], pct);
+    let mut dst = d0.clone();
+    let result = k::copy::<E>(&refs(&src), &mut muts(&mut dst));
     if let Some(argument) = bad {
         check_error(result.clone(), argument)?;
-        return check_untouched("weights", &w, &w0);
+        return check_untouched("dst", &dst, &d0);
     }
     result.map_err(|e| TestCaseError::fail(format!("aligned call failed: {e}")))?;
-    check_untouched("weights (restored from the backups)", &w, &b)
+    check_untouched("dst (a copy of src)", &dst, &src)
 }
 
 fn fuzz_any_nonzero<E: Fuzz>(
@@ -1008,7 +1008,7 @@ proptest! {
 
     #[test]
     fn fuzz_restore_copies_bits(seed in any::<u64>(), lens in lens_strategy(), defect in defect_strategy()) {
-        all_types!(fuzz_restore(seed, &lens, defect));
+        all_types!(fuzz_copy(seed, &lens, defect));
     }
 
     #[test]

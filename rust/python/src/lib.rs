@@ -171,17 +171,16 @@ fn subtract_offsets(
     })
 }
 
-/// `weights ← backups`, bit for bit.
+/// `dst ← src`, bit for bit (sources first, as in the engines' `copy`).
 #[pyfunction]
-fn restore(py: Python<'_>, weights: &Bound<'_, PyAny>, backups: &Bound<'_, PyAny>) -> PyResult<()> {
+fn copy(py: Python<'_>, src: &Bound<'_, PyAny>, dst: &Bound<'_, PyAny>) -> PyResult<()> {
     let mut call = Call::new(py);
-    let w = call.write("weights", weights)?;
-    let b = call.read("backups", backups)?;
+    let d = call.write("dst", dst)?;
+    let s = call.read("src", src)?;
     call.finish()?;
     dispatch!(call.dtype(), E, {
-        let (mut w, b) = (call.slices_mut::<E>(&w), call.slices::<E>(&b));
-        py.detach(|| k::restore::<E>(&mut w, &b))
-            .map_err(kernel_error)
+        let (s, mut d) = (call.slices::<E>(&s), call.slices_mut::<E>(&d));
+        py.detach(|| k::copy::<E>(&s, &mut d)).map_err(kernel_error)
     })
 }
 
@@ -381,7 +380,7 @@ fn sharpness_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sum_of_squares_adaptive, m)?)?;
     m.add_function(wrap_pyfunction!(perturb, m)?)?;
     m.add_function(wrap_pyfunction!(perturb_adaptive, m)?)?;
-    m.add_function(wrap_pyfunction!(restore, m)?)?;
+    m.add_function(wrap_pyfunction!(copy, m)?)?;
     m.add_function(wrap_pyfunction!(perturb_offsets, m)?)?;
     m.add_function(wrap_pyfunction!(subtract_offsets, m)?)?;
     m.add_function(wrap_pyfunction!(restore_sgd, m)?)?;
