@@ -66,6 +66,9 @@ class DTensorEngine(TorchEngine):
         """The local shard, as real pairs when complex."""
         return real_view(_local(t))
 
+    def _local_factor(self, factor: Tensor, device: torch.device) -> Any:
+        return float(factor)  # a plain number multiplies the local shards
+
     def _reduce(self, partials: dict[int, Tensor]) -> float:
         """Sums each reduction's local value over the ranks that hold its other shards."""
         total = 0.0

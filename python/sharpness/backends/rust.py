@@ -165,6 +165,26 @@ class RustEngine:
         """What restoration keeps: the full backup, or the subtract mode's bfloat16 offsets."""
         return sum(t.numel() * t.element_size() for t in (self.buffers.backup, self._offsets) if t is not None)
 
+    #: Whether a norm kept on the device (a 0-d tensor) serves :meth:`perturb` without a host read.
+    takes_device_norm = False
+
+    def serves_device_norm(self) -> bool:
+        """Whether this engine's step can run on a norm kept on the device (the Triton engine)."""
+        return self.takes_device_norm
+
+    def multiply_grads(self, factor: Tensor) -> None:
+        """``g ← factor·g`` for every gradient, one pass over the flat buffer (absent gradients are
+        zero views: they stay zero); ``factor`` a 0-d float32 tensor (GradScaler's unscaling)."""
+        grads = self.buffers.grads
+        grads.mul_(factor.to(grads.device))
+
+    def perturbed_tensors(self, groups: list[dict[str, Any]]) -> Iterator[tuple[Tensor, Tensor, Tensor, dict[str, Any]]]:
+        """(weights, backup, gradients, group) per perturbed group slice, for diagnostics."""
+        b = self.buffers
+        for gi, _, _, lo, hi in self.group_slices:
+            if groups[gi]["sam_rho"] != 0:
+                yield b.weights[lo:hi], b.backup[lo:hi], b.grads[lo:hi], groups[gi]
+
     def can_fuse(self, base: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> bool:
         return fused_kernel_kind(base, groups) is not None
 

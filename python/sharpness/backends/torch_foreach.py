@@ -224,6 +224,28 @@ class TorchEngine:
         """What restoration keeps: per-parameter backups and the subtract mode's bfloat16 ``e``."""
         return sum(t.numel() * t.element_size() for t in (*self.backups.values(), *self.offsets.values()))
 
+    def serves_device_norm(self) -> bool:
+        """Whether this engine's step can run on a norm kept on the device: only when it holds no
+        gradient (nothing to perturb; it reads the norm on the host otherwise)."""
+        return not self.by_group
+
+    def multiply_grads(self, factor: Tensor) -> None:
+        """``g ← factor·g`` for every gradient present; ``factor`` a 0-d float32 tensor."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, self._local_factor(factor, grads[0].device))
+
+    def _local_factor(self, factor: Tensor, device: torch.device) -> Any:
+        return factor.to(device)
+
+    def perturbed_tensors(self, groups: list[dict[str, Any]]) -> Iterator[tuple[Tensor, Tensor, Tensor, dict[str, Any]]]:
+        """(weights, backup, gradient, group) per perturbed parameter, complex ones as their real
+        pairs (as every engine operation sees them), for diagnostics."""
+        for i in self.perturbed:
+            p = self.params[i]
+            weights, backup, grad = (real_view(t) for t in (p.detach(), self.backups[i], p.grad))
+            yield weights, backup, grad, groups[self.group_of[i]]
+
     def can_fuse(self, base: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> bool:
         return False
 

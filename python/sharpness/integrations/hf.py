@@ -25,7 +25,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from sharpness.optim.sam import SAM, _RandomState
+from sharpness.optim._random_state import RandomState
+from sharpness.optim.sam import SAM
 
 __all__ = ["SAMTrainer"]  # noqa: F822 (built by the module's __getattr__ on first use)
 
@@ -52,7 +53,7 @@ def _make_trainer_class() -> type:
             **kwargs: Any,
         ) -> None:
             self.sam_kwargs = dict(rho=sam_rho, adaptive=sam_adaptive, eta=sam_eta, backend=sam_backend)
-            self._sam_replay: list[tuple[Any, Any, _RandomState | None]] = []
+            self._sam_replay: list[tuple[Any, Any, RandomState | None]] = []
             super().__init__(*args, **kwargs)
 
         def create_optimizer(self, *args: Any, **kwargs: Any):
@@ -72,7 +73,7 @@ def _make_trainer_class() -> type:
 
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None, **kwargs: Any) -> Any:
             sam = self._sam()
-            noise = _RandomState.capture(sam._devices()) if sam.same_noise else None
+            noise = RandomState.capture(sam._devices()) if sam.same_noise else None
             self._sam_replay.append((inputs, num_items_in_batch, noise))
             loss = super().training_step(model, inputs, num_items_in_batch, **kwargs)  # at w
             if not self.accelerator.sync_gradients:
@@ -80,7 +81,7 @@ def _make_trainer_class() -> type:
             replay, self._sam_replay = self._sam_replay, []
             # Under fp16, accelerate's GradScaler: the first gradient is unscaled for the variants' rules.
             sam.first_step(zero_grad=True, grad_scaler=getattr(self.accelerator, "scaler", None))
-            after = _RandomState.capture(sam._devices()) if sam.same_noise else None
+            after = RandomState.capture(sam._devices()) if sam.same_noise else None
             try:
                 for j, (micro, n_items, state) in enumerate(replay):
                     if state is not None:

@@ -16,37 +16,30 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.profiler import record_function
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from sharpness._validation import flag, number
-from sharpness.backends.distributed import DTensorEngine, is_dtensor
-from sharpness.backends.rust import RustEngine
-from sharpness.backends.torch_foreach import TorchEngine, real_view
-from sharpness.backends.triton import TritonEngine, why_not as _triton_why_not
-from sharpness.buffers import LayoutChanged, keep_in_place
-from sharpness.methods import NORM_EPS
+from sharpness.backends.torch_foreach import real_view
+from sharpness.buffers import LayoutChanged
 from sharpness.methods.base import Method, Phase, restored_on_failure
+from sharpness.methods.contract import Engine
+from sharpness.optim._amp import AMP_HOW_TO_CALL, GradScalerSupport
+from sharpness.optim._diagnostics import Diagnostics
+from sharpness.optim._layout import BACKENDS, build_engines, check_backend
+from sharpness.optim._profiling import profiled
+from sharpness.optim._random_state import RandomState
 from sharpness.optim._state import load_vectors, new_vectors, save_vectors
 
-_BACKENDS = ("auto", "rust", "torch", "triton")
 _MEMORY_MODES = ("exact", "subtract")
-_RUST_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # SAM's own keys in the (shared) parameter groups: prefixed so that they never collide with a
 # base optimizer's (Adadelta has its own `rho`).
 SAM_KEYS = ("sam_rho", "sam_adaptive", "sam_eta", "sam_norm_weight")
-
-
-def profiled(name: str) -> Any:
-    """A profiler label for ``name`` while torch's profiler runs; otherwise nothing (a label
-    costs ~8 µs per entry even with no profiler, measurable on a small model's step)."""
-    return record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 
 _HOW_TO_CALL = (
@@ -54,11 +47,6 @@ _HOW_TO_CALL = (
     "gradients, runs the forward and backward passes and returns the loss (it is called twice), or "
     "in two calls: `loss.backward(); optimizer.first_step(zero_grad=True); "
     "loss_fn(model(x), y).backward(); optimizer.second_step(zero_grad=True)`"
-)
-_AMP_HOW_TO_CALL = (
-    "with a GradScaler call `scaler.scale(loss).backward(); "
-    "if optimizer.first_step(zero_grad=True, grad_scaler=scaler): "
-    "scaler.scale(loss_fn(model(x), y)).backward(); scaler.step(optimizer); scaler.update(); optimizer.zero_grad()`"
 )
 
 
@@ -75,7 +63,7 @@ class _OwnUpdate(torch.optim.Optimizer):
         raise RuntimeError("this holds the groups and state of a method with its own update: call the method's step()")
 
 
-class SAM(Method, torch.optim.Optimizer):
+class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
     r"""Sharpness-Aware Minimization around any ``torch.optim`` base optimizer.
 
     Algorithm (Foret et al., ICLR 2021, arXiv:2010.01412; ASAM: Kwon et al., ICML 2021,
@@ -171,8 +159,8 @@ class SAM(Method, torch.optim.Optimizer):
     ) -> None:
         rho = number("rho", rho, minimum=0)
         eta = number("eta", eta, minimum=0)
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if memory not in _MEMORY_MODES:
             raise ValueError(f"memory must be one of {_MEMORY_MODES}, got {memory!r}")
         self.memory = memory
@@ -222,7 +210,7 @@ class SAM(Method, torch.optim.Optimizer):
         # seed consumes nothing from the global stream.
         self.generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
         self.stats: Counter = Counter()
-        self._engines: list[RustEngine | TorchEngine] | None = None
+        self._engines: list[Engine] | None = None
         self._probed_keys: tuple[frozenset[str] | None] | None = None
         # None, "perturbed", "skipped" (a non-finite norm: no perturbation), "one_pass" (a variant's
         # one-pass step left for GradScaler.step) or "skip_step" (a step that will take no update).
@@ -236,20 +224,7 @@ class SAM(Method, torch.optim.Optimizer):
         self.sam_state: dict[str, Any] = {"step": 0}
         # The method's own per-parameter vectors (apart from the base optimizer's state).
         self.vectors = new_vectors()
-        if backend == "rust":
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.device.type != "cpu" or p.dtype not in _RUST_DTYPES:
-                        raise ValueError(
-                            f'backend="rust" runs on CPU tensors of {[str(d) for d in _RUST_DTYPES]}; '
-                            f"got a {p.dtype} parameter on {p.device} (use backend='auto' or 'torch')"
-                        )
-        if backend == "triton":
-            for group in self.param_groups:
-                for p in group["params"]:
-                    why = _triton_why_not(p)
-                    if why is not None:
-                        raise ValueError(f'backend="triton" cannot serve a {p.dtype} parameter on {p.device}: {why}')
+        check_backend(self.param_groups, backend)
         # Re-home the parameters now, once, so that a model compiled after this sees its final
         # storage (rebinding later would make torch.compile guard-fail and recompile).
         self.engines()
@@ -269,65 +244,28 @@ class SAM(Method, torch.optim.Optimizer):
 
     # -- layout -----------------------------------------------------------------------------------
 
-    def _build_engines(self) -> list[RustEngine | TorchEngine]:
-        """Sorts the parameters into engines by (kind, device, dtype). The flat-buffer engines
-        (Rust, Triton) re-home their parameters; a parameter whose storage must not move (a view
-        of a bigger tensor, tied to another through ``.data``, in shared memory, not dense:
-        :func:`~sharpness.buffers.keep_in_place`, checked once here) goes to the in-place torch
-        engine instead."""
+    def _build_engines(self) -> list[Any]:
+        """The engines for the current groups (:func:`~sharpness.optim._layout.build_engines`),
+        releasing the previous ones' flat buffers first."""
         if self._engines is not None:
             for engine in self._engines:
                 engine.release()
-        every = [p for group in self.param_groups for p in group["params"] if not is_dtensor(p)]
-        kept = {id(p) for p, keep in zip(every, keep_in_place(every)) if keep}
-        buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] = {}
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                movable = id(p) not in kept
-                native = (
-                    self.backend != "torch"
-                    and p.device.type == "cpu"
-                    and p.dtype in _RUST_DTYPES
-                    and p.requires_grad  # frozen parameters keep torch's `grad is None` as is
-                    and movable
-                )
-                on_triton = (
-                    self.backend in ("auto", "triton")
-                    and p.requires_grad
-                    and (self.backend == "triton" or p.device.type == "cuda")
-                    and _triton_why_not(p) is None
-                    and movable
-                )
-                # FSDP owns DTensors' storage
-                kind = "dtensor" if is_dtensor(p) else "triton" if on_triton else "rust" if native else "torch"
-                key = (kind, p.device, p.dtype)
-                params, group_of = buckets.setdefault(key, ([], []))
-                params.append(p)
-                group_of.append(gi)
-        engines: list[RustEngine | TorchEngine] = []
-        for (kind, _, _), (params, group_of) in buckets.items():
-            engine_class = {"rust": RustEngine, "torch": TorchEngine, "dtensor": DTensorEngine, "triton": TritonEngine}[kind]
-            engine = engine_class(params, group_of, self.stats)
-            if self.memory != "exact":
-                if not hasattr(engine, "memory"):
-                    raise ValueError(f"memory={self.memory!r} is not available on the {kind} engine ({params[0].device})")
-                engine.memory = self.memory
-            engines.append(engine)
+        engines = build_engines(self.param_groups, self.backend, self.memory, self.stats)
         self.stats["layouts"] += 1
         return engines
 
-    def _fuses(self, engines: list[RustEngine | TorchEngine]) -> bool:
+    def _fuses(self, engines: list[Engine]) -> bool:
         """Whether the base step runs as one fused pass with the restoration (``fused_step`` and a
         kernel for the base optimizer on every engine), rather than as the base optimizer's own."""
         return self.fused_step and all(e.can_fuse(self.base_optimizer, self.param_groups) for e in engines)
 
-    def engines(self) -> list[RustEngine | TorchEngine]:
+    def engines(self) -> list[Engine]:
         """The engines serving the parameters (built on first use)."""
         if self._engines is None:
             self._engines = self._build_engines()
         return self._engines
 
-    def _begin(self) -> list[RustEngine | TorchEngine]:
+    def _begin(self) -> list[Engine]:
         if not self.norm_weights_supported and any(g.get("sam_norm_weight", 1.0) != 1.0 for g in self.param_groups):
             raise ValueError(f"{type(self).__name__} computes norms of its own: it does not support sam_norm_weight != 1")
         engines = self.engines()
@@ -488,42 +426,6 @@ class SAM(Method, torch.optim.Optimizer):
         self._pending = Phase.ONE_PASS
         self._deferred_zero_grad = zero_grad
 
-    # -- loss scaling (torch.amp.GradScaler) ------------------------------------------------------
-
-    @staticmethod
-    def _scaler_scale(grad_scaler: Any) -> Tensor | None:
-        """The scaler's current scale as a float32 tensor (on its device: no host sync where
-        torch exposes it), or None for no scaler or a disabled one."""
-        if grad_scaler is None or not getattr(grad_scaler, "is_enabled", lambda: True)():
-            return None
-        get_async = getattr(grad_scaler, "_get_scale_async", None)
-        scale = get_async() if get_async is not None else None
-        if not isinstance(scale, Tensor):
-            scale = torch.tensor(float(grad_scaler.get_scale()), dtype=torch.float32)
-        return scale.float()
-
-    def _unscale_first_gradient(self, engines: list, grad_scaler: Any) -> Tensor | None:
-        """Divides the gradients in ``p.grad`` by ``grad_scaler``'s scale, exactly as
-        ``GradScaler.unscale_`` does (times the float32 reciprocal); returns the scale (None when
-        there is nothing to unscale)."""
-        scale = self._scaler_scale(grad_scaler)
-        if scale is not None:
-            self._multiply_grads(engines, scale.double().reciprocal().float(), begin=False)
-        return scale
-
-    def _multiply_grads(self, engines: list, factor: Tensor, begin: bool = True) -> None:
-        """``p.grad ← factor·p.grad`` for every gradient (``factor`` a 0-d float32 tensor)."""
-        for engine in engines:
-            if begin:
-                engine.begin()  # re-attach any gradient view replaced since
-            buffers = getattr(engine, "buffers", None)
-            if buffers is not None:  # flat buffers: one pass over every gradient (absent ones are zero)
-                buffers.grads.mul_(factor.to(buffers.grads.device))
-                continue
-            grads = [p.grad for p in engine.params if p.grad is not None]
-            if grads:
-                local = float(factor) if isinstance(engine, DTensorEngine) else factor.to(grads[0].device)
-                torch._foreach_mul_(grads, local)
 
     def _norm_stays_on_device(self, engines: list, sums: list) -> bool:
         """Whether this step can run without reading the norm on the host: an engine returned it
@@ -535,7 +437,7 @@ class SAM(Method, torch.optim.Optimizer):
             len({s.device for s in sums if isinstance(s, Tensor)}) == 1
             and (not self.decides_on_norm or self._second_pass_due_by_count() is True)
             and self.perturbs_like_sam
-            and all(getattr(e, "takes_device_norm", False) or (isinstance(e, TorchEngine) and not e.by_group) for e in engines)
+            and all(e.serves_device_norm() for e in engines)
         )
 
     def _perturb_on_device(self, engines: list, sums: list) -> None:
@@ -560,16 +462,8 @@ class SAM(Method, torch.optim.Optimizer):
             engine.perturb(self.param_groups, norm)
         self._pending = Phase.PERTURBED
 
-    def sync_stats(self) -> Counter:
-        """Folds the counts kept on the device (non-finite norms met by the Triton path) into
-        :attr:`stats` (one host sync) and returns it."""
-        counter = getattr(self, "_device_nonfinite_skips", None)
-        if counter is not None:
-            self.stats["nonfinite_skips"] += int(counter)
-            counter.zero_()
-        return self.stats
 
-    def _plain_step(self, engines: list[RustEngine | TorchEngine], fused: bool = True, synced: bool = False) -> None:
+    def _plain_step(self, engines: list[Engine], fused: bool = True, synced: bool = False) -> None:
         """The base step with the gradients in ``p.grad`` and no perturbation to undo
         (``synced``: the engines' :meth:`begin` ran since the last backward). A method with an
         update of its own takes that instead (``has_own_update``)."""
@@ -682,28 +576,6 @@ class SAM(Method, torch.optim.Optimizer):
                 self._after_base_step(engines)
         self._finish_step(zero_grad)
 
-    def _finish_deferred(self, zero_grad: bool) -> None:
-        """Completes a step that first_step left for ``GradScaler.step``: the one-pass base step
-        with the (unscaled) direction in ``p.grad``, or no update at all for ``"skip_step"``."""
-        pending, self._pending = self._pending, None
-        zero_grad = zero_grad or self._deferred_zero_grad
-        self._deferred_zero_grad = False
-        if pending == "skip_step":
-            self._skipped_by_amp(zero_grad)
-            return
-        with profiled(f"{type(self).__name__}.second_step"):
-            self._plain_step(self.engines())
-        self._finish_step(zero_grad)
-
-    def _skipped_by_amp(self, zero_grad: bool) -> None:
-        """A step that takes no update (the GradScaler found inf/NaN): the weights are already
-        back at ``w``; the step count, the base optimizer's state and the method's step-end
-        state stay as they are."""
-        self.stats["amp_skipped_steps"] += 1
-        if zero_grad:
-            self.zero_grad()
-        if not self._in_step:
-            self._post_hooks((), {})  # the pre-hooks ran in first_step
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -734,7 +606,7 @@ class SAM(Method, torch.optim.Optimizer):
             self._complete_step(scaled)
             return None
         if scaled:
-            raise RuntimeError("GradScaler.step() cannot run a SAM closure; " + _AMP_HOW_TO_CALL)
+            raise RuntimeError("GradScaler.step() cannot run a SAM closure; " + AMP_HOW_TO_CALL)
         if self.selects_samples:  # the closure takes sample indices and returns per-sample losses
             return self._hooked_step(closure, self._per_sample_step)
         if self._pending is not None and more:
@@ -785,14 +657,14 @@ class SAM(Method, torch.optim.Optimizer):
         current weights (gradients enabled), its gradients taken into the engines. With
         ``same_noise`` each evaluation with the same ``args`` replays the random state the first
         one started from (the same dropout at every point) and leaves it where the first left it."""
-        first_states: dict[tuple, tuple[_RandomState, _RandomState]] = {}
+        first_states: dict[tuple, tuple[RandomState, RandomState]] = {}
 
         def evaluate(*args: Any) -> tuple[Tensor, list]:
             replay = first_states.get(args) if self.same_noise else None
             if replay is not None:
                 replay[0].restore()
             elif self.same_noise:
-                before = _RandomState.capture(self._devices())
+                before = RandomState.capture(self._devices())
             try:
                 with torch.enable_grad():
                     loss = closure(*args)
@@ -800,7 +672,7 @@ class SAM(Method, torch.optim.Optimizer):
                 if replay is not None:
                     replay[1].restore()
             if self.same_noise and replay is None:
-                first_states[args] = (before, _RandomState.capture(self._devices()))
+                first_states[args] = (before, RandomState.capture(self._devices()))
             return loss, self._begin()
 
         return evaluate
@@ -851,75 +723,13 @@ class SAM(Method, torch.optim.Optimizer):
         ``GradScaler.step`` (``scaled``) or not."""
         if self._pending is None:
             if scaled:
-                raise RuntimeError("GradScaler.step() needs a first_step() before it; " + _AMP_HOW_TO_CALL)
+                raise RuntimeError("GradScaler.step() needs a first_step() before it; " + AMP_HOW_TO_CALL)
             raise RuntimeError("step() without a closure needs a first_step() before it; " + _HOW_TO_CALL)
         if scaled:
             self._scaled_second_step()
         else:
             self.second_step()  # the pre-hooks ran in first_step, the post-hooks run here
 
-    # GradScaler.step(opt) hands the step to an optimizer with this flag instead of unscaling and
-    # skipping it itself: it sets `found_inf` (and `grad_scale`, None after `scaler.unscale_(opt)`)
-    # and calls `opt.step()`. SAM then restores the weights whatever happens, so a skipped step
-    # never leaves them perturbed.
-    _step_supports_amp_scaling = True
-    def _under_grad_scaler(self) -> bool:
-        """Whether ``GradScaler.step()`` is calling :meth:`step` (it sets ``found_inf``). A method
-        that cannot run under a scaler, or a step whose first gradient the rule needed unscaled but
-        that :meth:`first_step` took without ``grad_scaler=``, is refused here, after restoring
-        ``w``."""
-        if getattr(self, "found_inf", None) is None:
-            return False
-        name = type(self).__name__
-        if self.grad_scaler_unsupported:
-            self._refuse_grad_scaler(
-                f"{name} does not support torch.amp.GradScaler: {self.grad_scaler_unsupported}; "
-                "use bfloat16 autocast (no scaler)"
-            )
-        if self._pending is not None and not self._first_step_scaled and self.needs_unscaled_first_gradient:
-            self._refuse_grad_scaler(
-                f"{name} under torch.amp.GradScaler needs the scaler in first_step(): "
-                f"{self.needs_unscaled_first_gradient}. Pass it: `opt.first_step(zero_grad=True, grad_scaler=scaler)` "
-                "(this step was not taken; the weights are restored)"
-            )
-        if self._pending is None and self._one_pass_on_scaled:
-            self._one_pass_on_scaled = False
-            self._refuse_grad_scaler(
-                f"{name}.first_step() took a one-pass step on the gradients the GradScaler had scaled "
-                "(it was not given the scaler); pass it: `opt.first_step(zero_grad=True, grad_scaler=scaler)` "
-                "leaves that step to scaler.step(opt)"
-            )
-        return True
-
-    def _refuse_grad_scaler(self, message: str) -> None:
-        """Raises ``message`` after restoring ``w`` and taking off what ``GradScaler.step`` set on
-        the optimizer (it only does so itself after a step that returns)."""
-        self.restore()  # never leave the weights perturbed behind the error
-        for attr in ("found_inf", "grad_scale"):
-            if attr in self.__dict__:
-                delattr(self, attr)
-        raise RuntimeError(message)
-
-    @torch.no_grad()
-    def _scaled_second_step(self) -> None:
-        """:meth:`second_step` under ``GradScaler.step``: when the scaler found inf/NaN in the
-        gradients (``g̃``, or a one-pass step's direction), ``w`` is restored and no base step is
-        taken (the base optimizer's state is untouched); else they are unscaled and the step runs.
-        The decision is the scaler's alone (a non-finite first gradient of a SAM step only skipped
-        the perturbation), so data-parallel replicas, which see the same reduced ``g̃``, always
-        agree on it."""
-        if bool(self.found_inf.item()):
-            pending = self._pending
-            zero_grad = pending in ("one_pass", "skip_step") and self._deferred_zero_grad
-            self._deferred_zero_grad = False
-            self.restore()
-            self._skipped_by_amp(zero_grad)
-            return
-        grad_scale = getattr(self, "grad_scale", None)
-        if grad_scale is not None and self._pending != "skip_step":
-            # else `scaler.unscale_(opt)` already unscaled the gradients
-            self._multiply_grads(self.engines(), grad_scale.double().reciprocal().float())  # as the scaler's unscale_
-        self.second_step()
 
     def _hooked_step(self, closure: Callable, body: Callable[[Callable], Tensor]) -> Tensor:
         """Runs ``body(closure)`` as one optimizer step: profiler label, pre-hooks, post-hooks."""
@@ -938,7 +748,7 @@ class SAM(Method, torch.optim.Optimizer):
         """A whole step: ``first_closure`` (default ``closure``) for the first gradient, ``closure``
         for the second."""
         moved = self._before_first_pass()
-        noise = _RandomState.capture(self._devices()) if self.same_noise else None
+        noise = RandomState.capture(self._devices()) if self.same_noise else None
         try:
             with torch.enable_grad():
                 loss = (closure if first_closure is None else first_closure)()
@@ -950,7 +760,7 @@ class SAM(Method, torch.optim.Optimizer):
         if not due:
             return loss  # a one-pass step (variants of SAM): already taken
         if noise is not None:
-            after_first = _RandomState.capture(self._devices())
+            after_first = RandomState.capture(self._devices())
             noise.restore()
         try:
             with torch.enable_grad():
@@ -972,12 +782,12 @@ class SAM(Method, torch.optim.Optimizer):
         ``w + e`` without gradient where the method ranks the samples, and at ``w + e`` on the
         samples it picks; with ``same_noise``, every call in the first one's random state. Returns
         the mean loss at ``w``."""
-        noise = _RandomState.capture(self._devices()) if self.same_noise else None
+        noise = RandomState.capture(self._devices()) if self.same_noise else None
         with self._first_pass():
             before = self._per_sample_backward(closure, None, first=True)
         if not self.first_step():
             return before.mean()  # a one-pass step: already taken
-        after_first = _RandomState.capture(self._devices()) if noise is not None else None
+        after_first = RandomState.capture(self._devices()) if noise is not None else None
 
         def at_perturbed() -> Tensor:
             if noise is not None:
@@ -1037,86 +847,6 @@ class SAM(Method, torch.optim.Optimizer):
     def _devices(self) -> set[torch.device]:
         return {p.device for group in self.param_groups for p in group["params"]}
 
-    # -- what a step costs and what it loses ------------------------------------------------------
-
-    def memory_bytes(self) -> dict[str, int]:
-        """Memory SAM holds beyond the model and the base optimizer: ``backup`` (what restoration
-        keeps: one copy of the perturbed weights, or with ``memory="subtract"`` the bfloat16
-        offsets, 2 bytes per weight) and ``flat_buffers`` (the contiguous tensors the parameters,
-        gradients and state live in: they replace the parameters' own storage, so they add nothing
-        once the old storage is freed). ``base_state`` is the base optimizer's state. The backup
-        is allocated by the first perturbation."""
-        backup = buffers = 0
-        for engine in self.engines():
-            if hasattr(engine, "restore_bytes"):
-                backup += engine.restore_bytes()
-            else:
-                backup += sum(t.numel() * t.element_size() for t in getattr(engine, "backups", {}).values())
-            b = getattr(engine, "buffers", None)
-            if b is not None:
-                buffers += sum(t.numel() * t.element_size() for t in (b.weights, b.grads, *b.state_buffers.values()))
-        storages = {}
-        for entry in self.state.values():
-            for value in entry.values():
-                if isinstance(value, Tensor):
-                    storage = value.untyped_storage()
-                    storages[storage.data_ptr()] = storage.nbytes()
-        return {"backup": backup, "flat_buffers": buffers, "base_state": sum(storages.values())}
-
-    @torch.no_grad()
-    def perturbation_report(self) -> dict[str, float]:
-        """How much of the intended perturbation ``e`` the weights actually received.
-
-        Call it between :meth:`first_step` and :meth:`second_step`. In bfloat16 or float16 a
-        component of ``e`` smaller than half an ulp of its weight rounds away: ``w + e == w``.
-        Returns ``intended_norm`` (‖e‖ as computed in float64), ``realized_norm`` (‖stored(w+e) −
-        w‖), ``relative_error`` (‖realized − intended‖/‖intended‖) and ``lost_fraction`` (the
-        share of the non-zero components of ``e`` that left their weight unchanged). The policy
-        this supports: keep float32 (master) parameters and use autocast for low precision
-        compute; when the parameters themselves are 16-bit, check that ``relative_error`` is small
-        for your ρ.
-        """
-        if self._pending != "perturbed":
-            raise RuntimeError("perturbation_report() needs a pending first_step() with a perturbation")
-        if self.memory != "exact":
-            raise RuntimeError('perturbation_report() compares with the backup: it needs memory="exact"')
-        intended_sq = realized_sq = error_sq = 0.0
-        nonzero = lost = 0
-        for weights, backup, grads, group in self._perturbed_tensors():
-            scale = group["sam_rho"] / (self.last_grad_norm + NORM_EPS) * (-1.0 if group.get("maximize") else 1.0)
-            w0 = backup.double()
-            e = grads.double() * scale
-            if group["sam_adaptive"]:
-                e = e * (w0.abs() + group["sam_eta"]) ** 2
-            realized = weights.double() - w0
-            intended_sq += float((e * e).sum())
-            realized_sq += float((realized * realized).sum())
-            error_sq += float(((realized - e) ** 2).sum())
-            mask = e != 0
-            nonzero += int(mask.sum())
-            lost += int((mask & (realized == 0)).sum())
-        return {
-            "intended_norm": math.sqrt(intended_sq),
-            "realized_norm": math.sqrt(realized_sq),
-            "relative_error": math.sqrt(error_sq / intended_sq) if intended_sq > 0 else 0.0,
-            "lost_fraction": lost / nonzero if nonzero else 0.0,
-        }
-
-    def _perturbed_tensors(self) -> Iterable[tuple[Tensor, Tensor, Tensor, dict[str, Any]]]:
-        for engine in self.engines():
-            if isinstance(engine, RustEngine):
-                b = engine.buffers
-                for gi, _, _, lo, hi in engine.group_slices:
-                    if self.param_groups[gi]["sam_rho"] != 0:
-                        yield b.weights[lo:hi], b.backup[lo:hi], b.grads[lo:hi], self.param_groups[gi]
-            else:
-                for i in engine.perturbed:
-                    p = engine.params[i]
-                    # a complex parameter as its real pairs, as every engine operation sees it
-                    yield (
-                        *(real_view(t) for t in (p.detach(), engine.backups[i], p.grad)),
-                        self.param_groups[engine.group_of[i]],
-                    )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradients. Gradients in flat buffers stay views of them (one memset);
@@ -1173,27 +903,3 @@ class SAM(Method, torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"SAM(backend={self.backend!r}, base={self.base_optimizer!r})"
-
-
-class _RandomState:
-    """torch's random state on the CPU and on the CUDA devices in use, to replay a forward pass's
-    noise (as torch.utils.checkpoint does)."""
-
-    def __init__(self, cpu: Tensor, cuda: dict[int, Tensor]) -> None:
-        self.cpu = cpu
-        self.cuda = cuda
-
-    @classmethod
-    def capture(cls, devices: set[torch.device]) -> _RandomState:
-        cuda = {}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for d in devices:
-                if d.type == "cuda":
-                    index = torch.cuda.current_device() if d.index is None else d.index
-                    cuda[index] = torch.cuda.get_rng_state(index)
-        return cls(torch.get_rng_state(), cuda)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for index, state in self.cuda.items():
-            torch.cuda.set_rng_state(state, index)
