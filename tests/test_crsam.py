@@ -389,3 +389,12 @@ def test_numpy_maximize_is_crsam_on_minus_the_loss():
     for t in range(5):
         opt.step(neg(t))
     assert_arrays(w, w2, exact=True)
+
+
+def test_crsam_refuses_the_subtract_memory_mode_before_anything_moves():
+    """It rebuilds points from the saved w; memory="subtract" keeps only bfloat16 offsets (it used
+    to fail part-way with an internal TypeError)."""
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match='needs memory="exact"'):
+        sharpness.CRSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, memory="subtract")
+

@@ -444,3 +444,12 @@ def test_the_random_state_of_the_four_calls(same_noise):
         assert torch.equal(torch.get_rng_state(), after_one)
     else:
         assert all(torch.equal(d, e) for d, e in zip(draws, expected))
+
+
+def test_gam_refuses_the_subtract_memory_mode_before_anything_moves():
+    """It rebuilds points from the saved w; memory="subtract" keeps only bfloat16 offsets (it used
+    to fail part-way with an internal TypeError)."""
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match='needs memory="exact"'):
+        sharpness.GAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, memory="subtract")
+

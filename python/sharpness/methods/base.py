@@ -73,6 +73,10 @@ class Method:
     #: Why the method needs the true first gradient ("" where ``e`` does not depend on the loss
     #: scale): under a GradScaler its ``first_step`` must be given ``grad_scaler=scaler``.
     needs_unscaled_first_gradient: ClassVar[str] = ""
+    #: Why the method needs the full backup of ``w`` ("" where it does not): it rebuilds points
+    #: from the saved ``w`` between its moves (``weights_from_backup``), which ``memory="subtract"``
+    #: (only bfloat16 offsets kept) cannot serve.
+    needs_exact_backup: ClassVar[str] = ""
     #: The method's own keys in the parameter groups (filled in by :meth:`_setup_group`).
     group_keys: ClassVar[tuple[str, ...]] = ()
     #: Why a method cannot run under a GradScaler at all ("" where it can).

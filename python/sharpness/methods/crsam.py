@@ -89,6 +89,8 @@ class CRSAM(ClosureDrivenMethod):
         True
     """
 
+    needs_exact_backup = "it rebuilds its points from the saved w between its moves"
+
     evaluations_per_step = "three gradients per step"
     coefficients = ("gamma", "beta")
     adaptive_unsupported = "its point w − e mirrors SAM's plain e"

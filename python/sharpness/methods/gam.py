@@ -117,6 +117,8 @@ class GAM(ClosureDrivenMethod):
         True
     """
 
+    needs_exact_backup = "it rebuilds its points from the saved w between its moves"
+
     norm_weights_supported = False  # its own norms (see Method.norm_weights_supported)
     evaluations_per_step = "four gradients per step"
     coefficients = ("norm_rho", "beta1", "beta2", "beta3", "gamma")
