@@ -545,3 +545,21 @@ def test_the_triton_engine_keeps_layouts_and_refuses_sparse_gradients_alike():
     assert out["untouched"]
     assert out["engines"] == ["triton"]
     assert out["strides"] == [[27, 1, 9, 3]] * 3 and out["regathered"] == 0
+
+
+def test_the_backup_of_buffers_outside_host_memory_is_allocated_once(monkeypatch):
+    """On CUDA the flat buffers have no numpy view; the backup was allocated again at every
+    perturbation there (the check looked at the numpy view). Simulated on the CPU by hiding the
+    views, as device memory has none."""
+    from collections import Counter
+
+    import sharpness.buffers as buffers
+
+    monkeypatch.setattr(buffers, "as_numpy", lambda t: None)
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+    flat = buffers.FlatBuffers(params, [0, 0], Counter())
+    flat.backups()
+    first = flat.backup
+    flat.backups()
+    assert flat.backup is first and flat.np_backup is None
+

@@ -99,7 +99,8 @@ def number(
     if isinstance(value, bool) or not isinstance(value, kind):
         raise HyperparameterTypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
     try:
-        out = int(value) if integer else float(value)
+        # `integer` means `value` passed the Integral check above; the isinstance only narrows it for mypy
+        out = int(value) if integer and isinstance(value, numbers.Integral) else float(value)
     except OverflowError:  # a huge int or Fraction: past any float, so not finite
         out = math.inf
     ok = not math.isnan(out) and not (finite and math.isinf(out))

@@ -52,6 +52,13 @@ def as_numpy(t: Tensor) -> np.ndarray | None:
     return t.detach().numpy()
 
 
+def host_view(a: np.ndarray | None) -> np.ndarray:
+    """``a``, a numpy view of a flat buffer (:func:`as_numpy`), where the caller knows the buffer
+    is in host memory (the CPU engine's buffers always are): never None there."""
+    assert a is not None, "a numpy view of a buffer that is not in host memory"
+    return a
+
+
 #: The error every engine raises for a sparse gradient.
 SPARSE_GRADIENTS = (
     "SAM does not support sparse gradients (use a dense embedding: nn.Embedding(..., sparse=False))"
@@ -87,7 +94,7 @@ def _alone_in_storage(p: Tensor) -> bool:
     if p.device.type == "cpu" and p.is_shared():
         return False
     storage = p.untyped_storage()
-    return (
+    return bool(
         p._base is None
         and p.storage_offset() == 0
         and storage.nbytes() == p.numel() * p.element_size()
@@ -110,7 +117,7 @@ def keep_in_place(params: list[Tensor]) -> list[bool]:
     shared memory, or is not dense (no flat slice can hold its layout). One in a flat buffer
     where a :class:`FlatBuffers` put it moves freely. A tensor without a storage of its own (a
     wrapper subclass) stays too. Runs once per layout."""
-    storage_ptrs = []
+    storage_ptrs: list[int | None] = []  # None: no storage of its own
     for p in params:
         try:
             storage_ptrs.append(p.untyped_storage().data_ptr() if p.numel() else 0)
@@ -250,7 +257,7 @@ class FlatBuffers:
         self.np_weights = as_numpy(self.weights)
         self.np_grads = as_numpy(self.grads)
         self.np_backup: np.ndarray | None = None
-        self.np_state: dict[str, np.ndarray] = {}
+        self.np_state: dict[str, np.ndarray | None] = {}
 
     def _view(self, flat: Tensor, i: int) -> Tensor:
         """Parameter ``i``'s slice of ``flat``, in its shape and memory layout."""
@@ -265,12 +272,19 @@ class FlatBuffers:
             h.remove()
         self._hooks = []
 
-    def backups(self) -> np.ndarray:
-        """The backup buffer for exact restoration, allocated on first use."""
-        if self.np_backup is None:
+    def backups(self) -> np.ndarray | None:
+        """The backup buffer for exact restoration, allocated on first use; as numpy (None for
+        buffers not in host memory: :attr:`backup` is the tensor)."""
+        if self.backup is None:  # (not np_backup: it stays None for device memory)
             self.backup = torch.empty_like(self.weights)
             self.np_backup = as_numpy(self.backup)
         return self.np_backup
+
+    @property
+    def backup_tensor(self) -> Tensor:
+        """:attr:`backup`, where the caller knows :meth:`backups` has allocated it."""
+        assert self.backup is not None, "backups() allocates the backup first"
+        return self.backup
 
     # -- keeping the views attached -------------------------------------------------------------
 
@@ -319,7 +333,7 @@ class FlatBuffers:
             for i, nonzero in zip(unknown, flags):
                 received[i] = bool(nonzero)
         elif unknown:
-            g, offsets = self.np_grads, self.offsets
+            g, offsets = host_view(self.np_grads), self.offsets  # host memory: np_grads is not None here
             written = _core.any_nonzero([g[offsets[i] : offsets[i + 1]] for i in unknown])
             for i, nonzero in zip(unknown, written):
                 received[i] = nonzero
@@ -360,9 +374,10 @@ class FlatBuffers:
 
     # -- optimizer state as views -----------------------------------------------------------------
 
-    def state_flat(self, name: str, dtype: torch.dtype | None = None, per_param: bool = False) -> np.ndarray:
-        """A flat state buffer (zeros when created), as numpy. ``per_param`` makes one scalar per
-        parameter (Adam's ``step``) instead of one element per weight."""
+    def state_flat(self, name: str, dtype: torch.dtype | None = None, per_param: bool = False) -> np.ndarray | None:
+        """A flat state buffer (zeros when created), as numpy (None for buffers not in host memory:
+        :attr:`state_buffers` holds the tensor). ``per_param`` makes one scalar per parameter
+        (Adam's ``step``) instead of one element per weight."""
         if name not in self.state_buffers:
             n = len(self.params) if per_param else self.numel
             flat = torch.zeros(n, dtype=dtype or self.dtype, device=self.device)

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 try:
     from sharpness.demo import DEFAULT_MODELS, MODELS, OPTIMIZERS, QUICK, SCHEDULES, DemoConfig
@@ -29,7 +30,7 @@ except ModuleNotFoundError as error:  # the numpy-only install: say what to inst
         raise
     raise SystemExit("sharpness's command line (the demo) needs PyTorch: pip install 'sharpness[demo]'") from error
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DemoConfig)}
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(DemoConfig)}  # one value per field type
 
 
 def _optimizer_list(text: str) -> tuple[str, ...]:
@@ -158,7 +159,7 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_demo)
 
 
-def _pick(value: object, name: str, quick: bool) -> object:
+def _pick(value: int | None, name: str, quick: bool) -> int:
     """An explicit option wins, then ``--quick``'s value, then the default."""
     if value is not None:
         return value

@@ -169,7 +169,7 @@ class Dataset:
     info: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device: str | torch.device) -> Dataset:
-        tensors = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
+        tensors: dict[str, Any] = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
         return replace(self, **tensors)
 
 
@@ -319,7 +319,8 @@ def tune_learning_rates(
     trial = replace(config, measure_size=0, optimizer_lrs=(), tune=False)
     init = initial_state(trial, split, config.first_seed)
     progress = progress or _progress_factory(False)
-    chosen, scores = {}, {}
+    chosen: dict[str, float] = {}
+    scores: dict[str, dict[str, float]] = {}
     total = len(config.optimizers) * len(config.tune_lrs)
     with progress(total=total, desc="tuning lr", unit="run", leave=False) as bar:
         for name in config.optimizers:
@@ -357,7 +358,7 @@ def make_optimizer(
     ``lightsam`` (AdaGrad-Norm form, η=0.1), ``adasam`` (lr 1e-3) and ``bsam`` (its defaults,
     ``num_data``): standalone optimizers with their own update. Same base settings; one ``rho``
     for SAM's relatives (ASAM has its own)."""
-    base = dict(lr=learning_rate(name, config), momentum=config.momentum, weight_decay=config.weight_decay)
+    base: dict[str, Any] = dict(lr=learning_rate(name, config), momentum=config.momentum, weight_decay=config.weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, **base)
     from sharpness import SAM
@@ -482,6 +483,9 @@ def train_run(
     sharpness is measured by :func:`measure_model` (not counted in the time per epoch);
     ``keep_model=True`` adds the trained model under ``"model"``.
     """
+    from sharpness import SAM
+    from sharpness.methods.ssam import SSAMD
+
     device = torch.device(config.device)
     if init is None:
         init = initial_state(config, data, seed)
@@ -509,6 +513,7 @@ def train_run(
         start = time.perf_counter()
         permutation = pool[torch.randperm(n, generator=order)].to(device)
         if optimizer_name == "ssamd":  # SSAM-D: drop and regrow its mask once per epoch
+            assert isinstance(optimizer, SSAMD)  # what make_optimizer builds for "ssamd"
             optimizer.update_mask(epoch / config.epochs)
         total_loss = torch.zeros((), device=device)
         for i in range(0, n, config.batch_size):
@@ -533,6 +538,7 @@ def train_run(
                 return F.cross_entropy(model(x), y, reduction="none")
 
             if optimizer_name == "esam":  # its data selection ranks samples by their losses
+                assert isinstance(optimizer, SAM)  # make_optimizer's SAM family (is_sam)
                 loss = optimizer.step(per_sample)
             elif optimizer_name == "lets":
                 v = validation[torch.randint(len(validation), (config.batch_size,), generator=val_order)].to(device)
@@ -543,12 +549,15 @@ def train_run(
                     loss.backward()
                     return loss
 
+                assert isinstance(optimizer, SAM)
                 loss = optimizer.step(closure, val_closure)
             elif is_sam:
+                assert isinstance(optimizer, SAM)
                 loss = optimizer.step(closure)
             else:
                 loss = closure()
                 optimizer.step()
+            assert loss is not None  # step(closure) returns the closure's loss
             scheduler.step()
             total_loss += loss.detach() * len(index)
         mean_loss = total_loss.item() / n  # the one synchronisation of the epoch

@@ -160,7 +160,7 @@ def m_sharpness(
                 with torch.no_grad():
                     g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(grads, origin)]
                     if adaptive:
-                        g = [gi * t for gi, t in zip(g, scale)]
+                        g = [gi if t is None else gi * t for gi, t in zip(g, scale)]  # (t is not None when adaptive)
                     norm = float(_norm(g))
                     if not norm > 1e-30 or not math.isfinite(norm):
                         g = [torch.randn(w.shape, generator=generator, dtype=w.dtype).to(w.device) for w in origin]
@@ -170,7 +170,7 @@ def m_sharpness(
                     if zn > rho:
                         z = [zi * (rho / zn) for zi in z]
                     for p, w, zi, t in zip(params, origin, z, scale):
-                        p.copy_(w + (zi * t if adaptive else zi))
+                        p.copy_(w + (zi if t is None else zi * t))  # t is None unless adaptive
                     worst = max(worst, float(_batch_loss(model, loss_fn, batch)) - base)
             values.append(worst)
     return sum(values) / len(values)
@@ -222,7 +222,7 @@ def _power_iteration(
     """Power iteration of the symmetric operator ``op`` from ``v``: the Rayleigh quotient
     ``vᵀ op(v)`` of ``v ← op(v)/‖op(v)‖``, after ``iters`` products or once two successive values
     agree to ``tol`` (relative)."""
-    norm = _norm(v)
+    norm: Tensor | float = _norm(v)
     v = [x / norm for x in v]
     eigenvalue = None
     for _ in range(iters):
@@ -360,11 +360,12 @@ def _evaluate_points(
     losses = torch.empty(coefficients.shape[0], dtype=torch.float64)
 
     def point_loss(weights: dict[str, Tensor]) -> Tensor:
-        total = 0.0
+        total: Tensor | float = 0.0
         for inputs, targets in batches:
             buffers = {n: b.clone() for n, b in model.named_buffers()}
             args = inputs if isinstance(inputs, tuple) else (inputs,)
             total = total + loss_fn(functional_call(model, {**weights, **buffers}, args), targets)
+        assert isinstance(total, Tensor)  # a loss tensor: _batch_list refuses an empty list
         return total / len(batches)
 
     use_vmap = vmap
@@ -399,7 +400,7 @@ def loss_landscape_1d(
     direction: dict[str, Tensor] | None = None,
     chunk: int = 16,
     vmap: bool = False,
-) -> dict[str, Tensor]:
+) -> dict[str, Any]:
     """The loss along a line through the weights, ``f(α) = L(w + α·d)`` for ``steps`` values of
     ``α`` evenly spaced in ``[−span, span]``, with ``d`` a filter-normalised random direction
     (:func:`filter_normalized_direction`, Li et al., NeurIPS 2018) drawn from ``generator`` unless

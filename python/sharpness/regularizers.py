@@ -139,7 +139,7 @@ class SAF:
         if self.active(epoch):
             ref, valid = self.reference(indices, epoch)
         self.record(logits, indices, epoch)
-        if ref is None or not bool(valid.any()) or self.lam == 0:
+        if ref is None or valid is None or not bool(valid.any()) or self.lam == 0:  # (set together)
             return logits.sum() * 0.0
         valid = valid.to(logits.device)
         return self.lam * trajectory_kl(logits[valid], ref.to(logits.device)[valid], self.temperature)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,11 @@ from torch import Tensor
 from sharpness.backends._common import norm_weight_sq
 from sharpness.backends.torch_foreach import TorchEngine, real_view
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
-def is_dtensor(t: Any) -> bool:
+
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's parameters are). Imports
     nothing: without ``torch.distributed.tensor`` loaded, no DTensor exists."""
     module = sys.modules.get("torch.distributed.tensor")
@@ -51,6 +55,7 @@ class DTensorEngine(TorchEngine):
         self.reductions: list[tuple[Any, tuple[int, ...]]] = []
         self.reduction_of: list[int] = []
         for p in params:
+            assert is_dtensor(p)  # _layout gives this engine DTensor parameters only
             dims = []
             for d, placement in enumerate(p.placements):
                 if placement.is_partial():
@@ -81,7 +86,7 @@ class DTensorEngine(TorchEngine):
             self.stats["dtensor_all_reduces"] += len(dims)
         return total
 
-    def _partials(self, indices: list[int], values: list[Tensor], partials: dict[int, Tensor]) -> None:
+    def _partials(self, indices: list[int], values: Sequence[Tensor], partials: dict[int, Tensor]) -> None:
         for i, v in zip(indices, values):
             r = self.reduction_of[i]
             partials[r] = partials[r] + v if r in partials else v
@@ -208,7 +213,7 @@ class DTensorEngine(TorchEngine):
         device mesh: under FSDP2 (and HSDP) those are the data-parallel ranks, whose batches make
         up the global batch. One all-reduce per mesh dimension."""
         mesh = self.reductions[0][0]
-        t = torch.tensor(values, dtype=torch.float64, device=self.params[0].to_local().device)
+        t = torch.tensor(values, dtype=torch.float64, device=_local(self.params[0]).device)
         for d in range(mesh.ndim):
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
         return (t / mesh.size()).tolist()

@@ -21,7 +21,7 @@ from sharpness.backends._common import (
     scale_of,
     write_tensors,
 )
-from sharpness.buffers import FlatBuffers
+from sharpness.buffers import FlatBuffers, host_view
 
 
 class RustEngine:
@@ -69,7 +69,7 @@ class RustEngine:
         self.buffers.zero_grad(set_to_none)
 
     def sum_of_squares(self, groups: list[dict[str, Any]]) -> float:
-        w, g = self.buffers.np_weights, self.buffers.np_grads
+        w, g = host_view(self.buffers.np_weights), host_view(self.buffers.np_grads)
         total = 0.0
         for gi, p_lo, p_hi, lo, hi in self.group_slices:
             group = groups[gi]
@@ -95,7 +95,7 @@ class RustEngine:
             return
         # Parameters without a gradient hold a zero gradient view, so `w + s·0` leaves them as
         # they are (bar the sign of a zero) and the backup restores them exactly all the same.
-        w, g, b = self.buffers.np_weights, self.buffers.np_grads, self.buffers.backups()
+        w, g, b = host_view(self.buffers.np_weights), host_view(self.buffers.np_grads), host_view(self.buffers.backups())
         for gi, p_lo, p_hi, lo, hi in self.group_slices:
             group = groups[gi]
             if group["sam_rho"] == 0:
@@ -134,7 +134,8 @@ class RustEngine:
         and (ASAM) parameters without a gradient are left untouched."""
         if self._offsets is None:
             self._offsets = torch.empty(self.buffers.numel, dtype=torch.bfloat16)
-        w, g, o = self.buffers.np_weights, self.buffers.np_grads, self._offsets.view(torch.uint16).numpy()
+        w, g = host_view(self.buffers.np_weights), host_view(self.buffers.np_grads)
+        o = self._offsets.view(torch.uint16).numpy()
         ranges: list[tuple[int, int, int, float | None]] = []  # (group, first, end, ASAM's η)
         for gi, p_lo, p_hi, lo, hi in self.group_slices:
             group = groups[gi]
@@ -145,20 +146,21 @@ class RustEngine:
                 ranges += [(gi, a, z, eta) for active, a, z in self._activity_runs(p_lo, p_hi) if active]
             else:
                 ranges.append((gi, lo, hi, None))
-        for gi, lo, hi, eta in ranges:
-            _core.perturb_offsets(w[lo:hi], g[lo:hi], o[lo:hi], scale_of(groups[gi], norm), eta)
+        for gi, lo, hi, run_eta in ranges:
+            _core.perturb_offsets(w[lo:hi], g[lo:hi], o[lo:hi], scale_of(groups[gi], norm), run_eta)
         self._offset_ranges = [(lo, hi) for _, lo, hi, _ in ranges]
         self.perturbed = True
 
     def restore(self) -> None:
         if self.perturbed and self._offset_ranges is not None:
-            w, o = self.buffers.np_weights, self._offsets.view(torch.uint16).numpy()
+            assert self._offsets is not None  # allocated before the offsets' ranges are set
+            w, o = host_view(self.buffers.np_weights), self._offsets.view(torch.uint16).numpy()
             for lo, hi in self._offset_ranges:
                 _core.subtract_offsets(w[lo:hi], o[lo:hi])
             self._offset_ranges = None
             self.perturbed = False
         elif self.perturbed:
-            _core.copy(self.buffers.np_backup, self.buffers.np_weights)
+            _core.copy(host_view(self.buffers.np_backup), host_view(self.buffers.np_weights))
             self.perturbed = False
 
     def restore_bytes(self) -> int:
@@ -183,7 +185,7 @@ class RustEngine:
         b = self.buffers
         for gi, _, _, lo, hi in self.group_slices:
             if groups[gi]["sam_rho"] != 0:
-                yield b.weights[lo:hi], b.backup[lo:hi], b.grads[lo:hi], groups[gi]
+                yield b.weights[lo:hi], b.backup_tensor[lo:hi], b.grads[lo:hi], groups[gi]  # perturb() made the backup
 
     def can_fuse(self, base: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> bool:
         return fused_kernel_kind(base, groups) is not None
@@ -237,6 +239,8 @@ class RustEngine:
         """``Σ a·b`` per group (one kernel call per group; fp64 torch dots where the buffers are not
         host memory: the Triton subclass)."""
         native = self.kernels is _core and self.buffers.np_weights is not None
+        x: Any  # numpy for the native kernels, else the flat tensors
+        y: Any
         x, y = (self._array(a, state), self._array(b, state)) if native else (self.flat(a, state), self.flat(b, state))
         out: dict[int, float] = {}
         for gi, _, _, lo, hi in self.group_slices:
@@ -300,12 +304,13 @@ class RustEngine:
                 flats.append(buf.grads)
             elif name == "backup":
                 buf.backups()
-                flats.append(buf.backup)
+                flats.append(buf.backup_tensor)
             else:
                 fill = (init or {}).get(name)
                 fresh = [i for i, p in enumerate(buf.params) if name not in state[p]] if fill is not None else []
                 self.vector(name, state)
                 for i in fresh:
+                    assert fill is not None  # fresh is empty otherwise
                     buf.state_views[name][i].fill_(fill)
                 flats.append(buf.state_buffers[name])
         out: dict[int, list[list[Tensor]]] = {}
@@ -412,8 +417,8 @@ class RustEngine:
         buf, active = self.buffers, self.active
         amsgrad = bool(group["amsgrad"])
         names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
-        arrays = {n: buf.state_flat(n) for n in names}
-        steps = buf.state_flat("step", dtype=adam_step_dtype(), per_param=True)
+        arrays = {n: host_view(buf.state_flat(n)) for n in names}
+        steps = host_view(buf.state_flat("step", dtype=adam_step_dtype(), per_param=True))
 
         def key_of(i: int):
             if not active[i]:
@@ -440,7 +445,7 @@ class RustEngine:
             runs = [((True, float(group_steps[0])), p_lo, p_hi)]  # the steady state
         else:
             runs = self._runs(p_lo, p_hi, key_of)
-        w, g, offs = buf.np_weights, buf.np_grads, buf.offsets
+        w, g, offs = host_view(buf.np_weights), host_view(buf.np_grads), buf.offsets
         beta1, beta2 = group["betas"]
         for (is_active, _), i0, i1 in runs:
             lo, hi = offs[i0], offs[i1]
@@ -471,7 +476,7 @@ class RustEngine:
     def save_weights(self) -> None:
         """``backup ← weights`` over every parameter, marking the weights as moved: :meth:`restore`
         (or a fused :meth:`restore_and_step`) then brings them back bit for bit."""
-        _core.copy(self.buffers.np_weights, self.buffers.backups())
+        _core.copy(host_view(self.buffers.np_weights), host_view(self.buffers.backups()))
         self.perturbed = True
 
     def weights_from_backup(self, direction: str, scales: dict[int, float], state: dict) -> None:
@@ -480,7 +485,7 @@ class RustEngine:
         the backup exactly. One or two kernel calls per group. Needs :meth:`save_weights` first."""
         if not self.perturbed:
             raise RuntimeError("weights_from_backup needs save_weights() first")
-        w, b = self.buffers.np_weights, self.buffers.np_backup
+        w, b = host_view(self.buffers.np_weights), host_view(self.buffers.np_backup)  # save_weights() made the backup
         d = self.vector(direction, state)
         for gi, _, _, lo, hi in self.group_slices:
             _core.copy(b[lo:hi], w[lo:hi])
@@ -517,6 +522,8 @@ class RustEngine:
         group. Parameters without a gradient hold a zero gradient view, which adds nothing. (Torch
         ops on the flat tensors where the buffers are not host memory: the Triton subclass.)"""
         native = self.kernels is _core and self.buffers.np_weights is not None
+        w: Any  # numpy for the native kernels, else the flat tensors
+        d: Any
         w = self.buffers.np_weights if native else self.buffers.weights
         d = self._array(direction, state) if native else self.flat(direction, state)
         for gi, _, _, lo, hi in self.group_slices:
@@ -578,12 +585,13 @@ class RustEngine:
                 flat = buf.grads
             elif name == "backup":
                 buf.backups()
-                flat = buf.backup
+                flat = buf.backup_tensor
             else:
                 fill = (init or {}).get(name)
                 fresh = [i for i, p in enumerate(buf.params) if name not in state[p]] if fill is not None else []
                 self.vector(name, state)
                 for i in fresh:
+                    assert fill is not None  # fresh is empty otherwise
                     buf.state_views[name][i].fill_(fill)
                 flat = buf.state_buffers[name]
             columns.append([flat[a:b] for _, a, b in runs])

@@ -25,7 +25,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
@@ -34,6 +34,9 @@ from sharpness.backends._common import draw_uniform, filter_noise, host_copy, no
 from sharpness.buffers import SPARSE_GRADIENTS, is_sparse
 
 _HALF = (torch.float16, torch.bfloat16)
+
+# What torch's foreach ops take, and return (a tuple from the out-of-place ones).
+Tensors: TypeAlias = "list[Tensor] | tuple[Tensor, ...]"
 
 
 def real_view(t: Tensor) -> Tensor:
@@ -96,33 +99,40 @@ class TorchEngine:
         """The tensor the vector operations act on: ``t`` as real pairs when complex."""
         return real_view(t)
 
+    def _grad(self, i: int) -> Tensor:
+        """Parameter ``i``'s gradient, as the vector operations see it; ``i`` must hold one (as
+        every parameter :meth:`begin` files in ``by_group`` does)."""
+        grad = self.params[i].grad
+        assert grad is not None, f"parameter {i} holds no gradient"
+        return self._view(grad)
+
     def _lists(self, indices: list[int]) -> tuple[list[Tensor], list[Tensor]]:
-        return [self._view(self.params[i]) for i in indices], [self._view(self.params[i].grad) for i in indices]
+        return [self._view(self.params[i]) for i in indices], [self._grad(i) for i in indices]
 
     @staticmethod
-    def _adaptive_factor(weights: list[Tensor], eta: float) -> list[Tensor]:
+    def _adaptive_factor(weights: list[Tensor], eta: float) -> Tensors:
         """``T = |w| + η`` per tensor; in float32 for 16-bit weights (``T²g`` overflows float16
         long before ``e`` does)."""
         if weights and weights[0].dtype in _HALF:  # an engine's tensors share one dtype
-            t = [w.float() for w in weights]
+            t: Tensors = [w.float() for w in weights]
             torch._foreach_abs_(t)
         else:
             t = torch._foreach_abs(weights)
         torch._foreach_add_(t, eta)
         return t
 
-    def _squared_norms(self, group: dict[str, Any], weights: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    def _squared_norms(self, group: dict[str, Any], weights: list[Tensor], grads: list[Tensor]) -> Tensors:
         """Per tensor, ``‖g‖²`` (adaptive groups: ``‖(|w|+η)g‖²``) as a 0-d tensor in the
         accumulation dtype (foreach norms; torch's CUDA kernels accumulate them in float32, and
         ``(|w|+η)g`` is formed in float32 for 16-bit tensors: see :meth:`_in_float64`)."""
-        terms = grads
+        terms: Tensors = grads
         if group["sam_adaptive"]:
             terms = torch._foreach_mul(self._adaptive_factor(weights, float(group["sam_eta"])), grads)
         norms = torch._foreach_norm(terms, dtype=accumulation_dtype(grads[0].device))
         return torch._foreach_mul(norms, norms)  # one call, not one square per tensor
 
     @staticmethod
-    def _in_float64(group: dict[str, Any], weights: list[Tensor], grads: list[Tensor], squares: list[Tensor]) -> list[Tensor]:
+    def _in_float64(group: dict[str, Any], weights: list[Tensor], grads: list[Tensor], squares: Tensors) -> Tensors:
         """``squares`` with each non-finite entry recomputed from float64 copies (one tensor at a
         time): a non-finite norm then means a non-finite gradient, never an overflow of a float32
         accumulator or product. Without float64 (MPS) they stay as they are."""
@@ -173,14 +183,14 @@ class TorchEngine:
                 self.perturbed.extend(indices)
         self._by_offsets = self.memory == "subtract"
 
-    def _perturbation(self, group: dict[str, Any], weights: list[Tensor], grads: list[Tensor], norm: float) -> list[Tensor]:
+    def _perturbation(self, group: dict[str, Any], weights: list[Tensor], grads: list[Tensor], norm: float) -> Tensors:
         """``e = s·g`` (adaptive: ``s·T²g``), ``s = ±ρ/(norm+ε)``; in float32 for 16-bit weights,
         as the native kernels compute it, so that ``w + e`` is rounded once."""
         scale = scale_of(group, norm)
         if group["sam_adaptive"]:
             t = self._adaptive_factor(weights, float(group["sam_eta"]))
             torch._foreach_mul_(t, t)
-            e = torch._foreach_mul(t, grads)
+            e: Tensors = torch._foreach_mul(t, grads)
             torch._foreach_mul_(e, scale)
             return e
         if grads and grads[0].dtype in _HALF:
@@ -242,8 +252,9 @@ class TorchEngine:
         """(weights, backup, gradient, group) per perturbed parameter, complex ones as their real
         pairs (as every engine operation sees them), for diagnostics."""
         for i in self.perturbed:
-            p = self.params[i]
-            weights, backup, grad = (real_view(t) for t in (p.detach(), self.backups[i], p.grad))
+            p, grad = self.params[i], self.params[i].grad
+            assert grad is not None  # perturb() moves only the parameters that hold a gradient
+            weights, backup, grad = (real_view(t) for t in (p.detach(), self.backups[i], grad))
             yield weights, backup, grad, groups[self.group_of[i]]
 
     def can_fuse(self, base: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> bool:
@@ -271,7 +282,7 @@ class TorchEngine:
 
     def _array(self, name: str, state: dict) -> list[Tensor]:
         if name == "grads":
-            return [self._view(self.params[i].grad) for i in self._active()]
+            return [self._grad(i) for i in self._active()]
         return self.vector(name, state)
 
     def dot(self, a: str, b: str, state: dict) -> float:
@@ -356,7 +367,7 @@ class TorchEngine:
                 elif name == "weights":
                     lists.append([self._view(self.params[i]) for i in indices])
                 elif name == "grads":
-                    lists.append([self._view(self.params[i].grad) for i in indices])
+                    lists.append([self._grad(i) for i in indices])
                 elif name == "backup":
                     lists.append([self._view(self._backup(i)) for i in indices])
                 else:
@@ -450,7 +461,7 @@ class TorchEngine:
         """Parameter ``i``'s ``"grads"``, ``"weights"``, ``"backup"`` or state vector (created at
         zero), as the vector operations see it."""
         if name == "grads":
-            return self._view(self.params[i].grad)
+            return self._grad(i)
         if name == "weights":
             return self._view(self.params[i])
         if name == "backup":

@@ -111,7 +111,7 @@ class TritonEngine(RustEngine):
         """``Σ g²`` (``Σ ((|w|+η)g)²`` for adaptive groups) over the perturbed groups, each group's
         partial sums times ``sam_norm_weight²``, as a 0-d fp64 device tensor."""
         K, w, g = self.K, self.buffers.weights, self.buffers.grads
-        parts = []
+        parts: list[Tensor] = []
         for gi, p_lo, p_hi, lo, hi in self.group_slices:
             group = groups[gi]
             if group["sam_rho"] == 0:
@@ -140,7 +140,7 @@ class TritonEngine(RustEngine):
         if not isinstance(norm, Tensor):
             norm = torch.full((), float(norm), dtype=torch.float64, device=self.device)
         buf.backups()
-        w, g, b = buf.weights, buf.grads, buf.backup
+        w, g, b = buf.weights, buf.grads, buf.backup_tensor
         for gi, p_lo, p_hi, lo, hi in self.group_slices:
             group = groups[gi]
             if group["sam_rho"] == 0:
@@ -286,7 +286,7 @@ class TritonEngine(RustEngine):
         a group without a scale, or with 0, gets the backup exactly."""
         if not self.perturbed:
             raise RuntimeError("weights_from_backup needs save_weights() first")
-        w, b = self.buffers.weights, self.buffers.backup
+        w, b = self.buffers.weights, self.buffers.backup_tensor  # save_weights() made the backup
         d = self.vector(direction, state)
         for gi, _, _, lo, hi in self.group_slices:
             self.K.copy(b[lo:hi], w[lo:hi])

@@ -355,9 +355,8 @@ _LAUNCH = dict(num_warps=_WARPS, enable_fp_fusion=False)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _flat_check(*tensors: Tensor | None) -> int:
-    first = tensors[0]
-    for t in tensors:
+def _flat_check(first: Tensor, *others: Tensor | None) -> int:
+    for t in (first, *others):
         if t is None:
             continue
         if t.dim() != 1 or not t.is_contiguous():
@@ -375,6 +374,7 @@ class _Plan:
 
     def __init__(self, lists: list[list[Tensor] | None]) -> None:
         first = lists[0]
+        assert first is not None  # the wrappers' first list is a required argument
         sizes = [t.numel() for t in first]
         for lst in lists:
             if lst is None:
@@ -446,13 +446,31 @@ def _is_list(x: Tensors) -> bool:
     return not isinstance(x, Tensor)
 
 
+def _flat(x: Tensors) -> Tensor:
+    """``x`` in the flat form: every tensor argument of a call comes in the form of its first
+    one, and the wrappers ask this only once a list form has returned."""
+    assert isinstance(x, Tensor), "the tensor arguments of one call are all tensors or all lists"
+    return x
+
+
+def _flat_or_none(x: Tensors | None) -> Tensor | None:
+    """An optional argument in the flat form (see :func:`_flat`)."""
+    return None if x is None else _flat(x)
+
+
+def _listed(x: Tensors | None) -> list[Tensor] | None:
+    """An optional argument in the list form, as :func:`_plan` takes it."""
+    return None if x is None else list(x)
+
+
 def sum_of_squares_partials(grads: Tensors, weights: Tensors | None = None, eta: float | None = None) -> Tensor:
     """Stage 1: fp64 partial sums of ``g²`` (``((|w|+eta)·g)²`` when ``eta`` is given) as a device
     tensor; :func:`sum_partials` adds them in order."""
+    assert eta is None or weights is not None, "eta needs the weights"
     adaptive = eta is not None
-    eta_bits = f64_bits(eta if adaptive else 0.0)
+    eta_bits = f64_bits(0.0 if eta is None else eta)
     if _is_list(grads):
-        plan = _plan([list(grads), list(weights) if adaptive else None])
+        plan = _plan([list(grads), _listed(weights) if adaptive else None])
         device = plan.table.device
         partials = torch.zeros(plan.blocks, dtype=torch.float64, device=device)
         if plan.blocks and plan.n_tensors:
@@ -461,6 +479,7 @@ def sum_of_squares_partials(grads: Tensors, weights: Tensors | None = None, eta:
                 ADAPTIVE=adaptive, BLOCK=BLOCK, **_LAUNCH,
             )  # fmt: skip
         return partials
+    grads, weights = _flat(grads), _flat_or_none(weights)
     n = _flat_check(grads, weights if adaptive else None)
     pieces = _pieces(grads, n)
     counts = [triton.cdiv(k, BLOCK * SUM_ITERS) for _, k in pieces]
@@ -468,7 +487,7 @@ def sum_of_squares_partials(grads: Tensors, weights: Tensors | None = None, eta:
     if not pieces:
         partials.zero_()
         return partials
-    w = weights if adaptive else grads
+    w = weights if adaptive and weights is not None else grads  # (weights is not None when adaptive)
     first = 0
     for (a, k), programs in zip(pieces, counts):
         _sumsq_flat[(programs,)](
@@ -500,7 +519,7 @@ def perturb(
     not finite the weights are left exactly as they are. A negative ``rho`` perturbs along ``−g``
     (a maximizing base optimizer)."""
     adaptive = eta is not None
-    args = (norm, f64_bits(rho), f64_bits(eps), float(eta if adaptive else 0.0))
+    args = (norm, f64_bits(rho), f64_bits(eps), float(0.0 if eta is None else eta))
     if _is_list(weights):
         plan = _plan([list(weights), list(grads), list(backups)])
         if plan.blocks and plan.n_tensors:
@@ -508,6 +527,7 @@ def perturb(
                 *plan.bases, plan.shifts, plan.n_tensors, plan.table, *args, ADAPTIVE=adaptive, BLOCK=BLOCK, **_LAUNCH
             )
         return
+    weights, grads, backups = _flat(weights), _flat(grads), _flat(backups)
     n = _flat_check(weights, grads, backups)
     if n:
         _launch_flat(_perturb_flat, [weights, grads, backups], n, *args, ADAPTIVE=adaptive)
@@ -520,6 +540,7 @@ def copy(src: Tensors, dst: Tensors) -> None:
         if plan.blocks and plan.n_tensors:
             _copy_multi[(plan.blocks,)](*plan.bases, plan.shifts, plan.n_tensors, plan.table, BLOCK=BLOCK, **_LAUNCH)
         return
+    dst, src = _flat(dst), _flat(src)
     n = _flat_check(dst, src)
     if n:
         _launch_flat(_copy_flat, [dst, src], n)
@@ -550,13 +571,14 @@ def restore_sgd(
         MAXIMIZE=bool(maximize), DECAY=weight_decay != 0.0,
     )  # fmt: skip
     if _is_list(weights):
-        plan = _plan([list(weights), backups, list(grads), momentum_buffers if use_momentum else None])
+        plan = _plan([list(weights), _listed(backups), list(grads), _listed(momentum_buffers) if use_momentum else None])
         if plan.blocks and plan.n_tensors:
             _sgd_multi[(plan.blocks,)](
                 *plan.bases, plan.shifts, plan.n_tensors, plan.table, *scalars, **flags, BLOCK=BLOCK, **_LAUNCH
             )
         return
-    bufs = momentum_buffers if use_momentum else None
+    weights, backups, grads = _flat(weights), _flat_or_none(backups), _flat(grads)
+    bufs = _flat_or_none(momentum_buffers) if use_momentum else None
     n = _flat_check(weights, backups, grads, bufs)
     if n:
         tensors = [weights, weights if backups is None else backups, grads, weights if bufs is None else bufs]
@@ -614,15 +636,18 @@ def restore_adam(
         LERP_LOW=abs(one_minus_beta1) < 0.5,
     )  # fmt: skip
     if _is_list(weights):
-        plan = _plan(
-            [list(weights), backups, list(grads), list(exp_avgs), list(exp_avg_sqs), max_exp_avg_sqs if amsgrad else None]
-        )
+        plan = _plan([
+            list(weights), _listed(backups), list(grads), list(exp_avgs), list(exp_avg_sqs),
+            _listed(max_exp_avg_sqs) if amsgrad else None,
+        ])  # fmt: skip
         if plan.blocks and plan.n_tensors:
             _adam_multi[(plan.blocks,)](
                 *plan.bases, plan.shifts, plan.n_tensors, plan.table, *scalars, **flags, BLOCK=BLOCK, **_LAUNCH
             )
         return
-    vmax = max_exp_avg_sqs if amsgrad else None
+    weights, backups, grads = _flat(weights), _flat_or_none(backups), _flat(grads)
+    exp_avgs, exp_avg_sqs = _flat(exp_avgs), _flat(exp_avg_sqs)
+    vmax = _flat_or_none(max_exp_avg_sqs) if amsgrad else None
     n = _flat_check(weights, backups, grads, exp_avgs, exp_avg_sqs, vmax)
     if n:
         tensors = [weights, weights if backups is None else backups, grads, exp_avgs, exp_avg_sqs,

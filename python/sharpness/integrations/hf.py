@@ -52,7 +52,7 @@ def _make_trainer_class() -> type:
             sam_backend: str = "auto",
             **kwargs: Any,
         ) -> None:
-            self.sam_kwargs = dict(rho=sam_rho, adaptive=sam_adaptive, eta=sam_eta, backend=sam_backend)
+            self.sam_kwargs: dict[str, Any] = dict(rho=sam_rho, adaptive=sam_adaptive, eta=sam_eta, backend=sam_backend)
             self._sam_replay: list[tuple[Any, Any, RandomState | None]] = []
             super().__init__(*args, **kwargs)
 
@@ -61,12 +61,13 @@ def _make_trainer_class() -> type:
             if not isinstance(optimizer, SAM):
                 self.optimizer = SAM(optimizer.param_groups, optimizer, **self.sam_kwargs)
             sam = self.optimizer
+            assert isinstance(sam, SAM)  # wrapped just above, or passed in as one
             if type(sam)._second_pass_due is not SAM._second_pass_due:
                 raise ValueError(f"SAMTrainer needs a SAM that always takes the second pass, got {type(sam).__name__}")
             return self.optimizer
 
         def _sam(self) -> SAM:
-            optimizer = self.optimizer
+            optimizer: Any = self.optimizer  # a SAM, or wrappers of one (their .optimizer)
             while not isinstance(optimizer, SAM):  # accelerate wraps it in an AcceleratedOptimizer
                 optimizer = optimizer.optimizer
             return optimizer

@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from itertools import chain
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -48,6 +48,15 @@ _HOW_TO_CALL = (
     "in two calls: `loss.backward(); optimizer.first_step(zero_grad=True); "
     "loss_fn(model(x), y).backward(); optimizer.second_step(zero_grad=True)`"
 )
+
+
+class _FrontEngine(Engine, Protocol):
+    """An engine of this front (``build_engines``'): the contract, and what the base optimizer's
+    own step needs."""
+
+    def absent_grads_as_none(self) -> AbstractContextManager[None]:
+        """While the base optimizer steps: parameters without a gradient show ``grad is None``."""
+        ...
 
 
 class _OwnUpdate(torch.optim.Optimizer):
@@ -163,6 +172,8 @@ class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if memory not in _MEMORY_MODES:
             raise ValueError(f"memory must be one of {_MEMORY_MODES}, got {memory!r}")
+        if memory != "exact" and self.needs_exact_backup:
+            raise ValueError(f'{type(self).__name__} needs memory="exact": {self.needs_exact_backup}')
         self.memory = memory
         self.fused_step = flag("fused_step", fused_step)
         defaults = dict(sam_rho=rho, sam_adaptive=bool(adaptive), sam_eta=eta, sam_norm_weight=1.0)
@@ -181,7 +192,7 @@ class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
                 )
             if base_kwargs:
                 raise TypeError(f"unknown argument(s) for {name}: {', '.join(sorted(base_kwargs))}")
-            self.base_optimizer = _OwnUpdate(self.param_groups)
+            self.base_optimizer: torch.optim.Optimizer = _OwnUpdate(self.param_groups)
         elif base_optimizer is None:
             raise TypeError(f"{type(self).__name__} needs a base_optimizer: a torch.optim.Optimizer class or instance")
         elif isinstance(base_optimizer, torch.optim.Optimizer):
@@ -210,11 +221,11 @@ class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
         # seed consumes nothing from the global stream.
         self.generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
         self.stats: Counter = Counter()
-        self._engines: list[Engine] | None = None
+        self._engines: list[_FrontEngine] | None = None
         self._probed_keys: tuple[frozenset[str] | None] | None = None
         # None, "perturbed", "skipped" (a non-finite norm: no perturbation), "one_pass" (a variant's
         # one-pass step left for GradScaler.step) or "skip_step" (a step that will take no update).
-        self._pending: str | None = None
+        self._pending = None
         self._deferred_zero_grad = False  # first_step's zero_grad, for a step left for GradScaler.step
         self._first_step_scaled = False  # whether the pending step's first_step got grad_scaler=
         self._one_pass_on_scaled = False  # the last first_step took a one-pass step without grad_scaler=
@@ -254,18 +265,18 @@ class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
         self.stats["layouts"] += 1
         return engines
 
-    def _fuses(self, engines: list[Engine]) -> bool:
+    def _fuses(self, engines: list[_FrontEngine]) -> bool:
         """Whether the base step runs as one fused pass with the restoration (``fused_step`` and a
         kernel for the base optimizer on every engine), rather than as the base optimizer's own."""
         return self.fused_step and all(e.can_fuse(self.base_optimizer, self.param_groups) for e in engines)
 
-    def engines(self) -> list[Engine]:
+    def engines(self) -> list[_FrontEngine]:
         """The engines serving the parameters (built on first use)."""
         if self._engines is None:
             self._engines = self._build_engines()
         return self._engines
 
-    def _begin(self) -> list[Engine]:
+    def _begin(self) -> list[_FrontEngine]:
         if not self.norm_weights_supported and any(g.get("sam_norm_weight", 1.0) != 1.0 for g in self.param_groups):
             raise ValueError(f"{type(self).__name__} computes norms of its own: it does not support sam_norm_weight != 1")
         engines = self.engines()
@@ -463,7 +474,7 @@ class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
         self._pending = Phase.PERTURBED
 
 
-    def _plain_step(self, engines: list[Engine], fused: bool = True, synced: bool = False) -> None:
+    def _plain_step(self, engines: list[_FrontEngine], fused: bool = True, synced: bool = False) -> None:
         """The base step with the gradients in ``p.grad`` and no perturbation to undo
         (``synced``: the engines' :meth:`begin` ran since the last backward). A method with an
         update of its own takes that instead (``has_own_update``)."""
