@@ -5,13 +5,15 @@ torch instead of failing obscurely.
 
 Run directly (``python tests/numpy_without_torch.py``): ``.ci/run`` does it in a fresh environment
 holding only the built wheel and numpy, where ``import torch`` fails;
-``tests/test_numpy_without_torch.py`` does it with torch's import blocked. Imports numpy and
-sharpness only.
+``tests/test_numpy_without_torch.py`` does it with torch's import blocked. Imports numpy,
+sharpness and the test registry of the methods (``tests/registry.py``, which imports no torch)
+only.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -30,49 +32,51 @@ def problem(seed: int = 0):
     return grad_fn, [0.1 * rng.normal(size=5), np.zeros(1)]
 
 
-def methods():
-    """name -> (constructor over params, how a step is called with grad_fn)."""
-    import sharpness.numpy as snp
+def _import_registry():
+    """``tests/registry.py``, also when this file is run by path from elsewhere."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import registry
 
-    plain = lambda opt, g: opt.step(g)  # noqa: E731
-    return {
-        "SAM": (lambda p: snp.SAM(p, rho=0.05, lr=0.1, momentum=0.9), plain),
-        "ASAM": (lambda p: snp.SAM(p, rho=0.5, adaptive=True, lr=0.1), plain),
-        "SAM-adamw": (lambda p: snp.SAM(p, rho=0.05, base="adamw", lr=1e-2), plain),
-        "AESAM": (lambda p: snp.AESAM(p, total_steps=3, rho=0.05, lr=0.1), plain),
-        "EveryKSAM": (lambda p: snp.EveryKSAM(p, k=2, rho=0.05, lr=0.1), plain),
-        "LookSAM": (lambda p: snp.LookSAM(p, k=2, rho=0.05, lr=0.1), plain),
-        "SAMPa": (lambda p: snp.SAMPa(p, rho=0.05, lr=0.1), plain),
-        "LightSAM": (lambda p: snp.LightSAM(p, lr=0.1, rho=0.05), plain),
-        "MSharpnessSAM": (
-            lambda p: snp.MSharpnessSAM(p, micro_batches=2, rho=0.05, lr=0.1),
-            lambda opt, g: opt.step(lambda params, i: g(params, slice(16 * i, 16 * (i + 1)))),
-        ),
-        "GSAM": (lambda p: snp.GSAM(p, rho=0.05, alpha=0.1, lr=0.1), plain),
-        "FriendlySAM": (lambda p: snp.FriendlySAM(p, rho=0.05, lr=0.1), plain),
-        "WSAM": (lambda p: snp.WSAM(p, rho=0.05, lr=0.1), plain),
-        "MongeSAM": (lambda p: snp.MongeSAM(p, rho=0.05, lr=0.1), plain),
-        "AdaSAM": (lambda p: snp.AdaSAM(p, lr=1e-2, rho=0.05), plain),
-        "BayesianSAM": (lambda p: snp.BayesianSAM(p, num_data=32, lr=0.05, rho=0.05, seed=0), plain),
-        "SSAMF": (lambda p: snp.SSAMF(p, sparsity=0.5, rho=0.05, lr=0.1), plain),
-        "SSAMD": (lambda p: snp.SSAMD(p, sparsity=0.5, seed=0, rho=0.05, lr=0.1), plain),
-        "GAM": (lambda p: snp.GAM(p, rho=0.05, lr=0.1), plain),
-        "CRSAM": (lambda p: snp.CRSAM(p, rho=0.05, lr=0.1), plain),
-        "LETS": (
-            lambda p: snp.LETS(p, rho=0.05, lr=0.1),
-            lambda opt, g: opt.step(lambda params: g(params, slice(0, 24)), lambda params: g(params, slice(24, 32))),
-        ),
-        "RandomSAM": (lambda p: snp.RandomSAM(p, rho=0.05, seed=0, lr=0.1), plain),
-        "ESAM": (  # grad_fn(params, indices) -> (per-sample losses, gradients of their mean)
-            lambda p: snp.ESAM(p, beta=0.6, gamma=0.5, rho=0.05, seed=0, lr=0.1),
-            lambda opt, g: opt.step(
-                lambda params, idx: (
-                    np.array([g(params, [i])[0] for i in (range(32) if idx is None else idx)]),
-                    g(params, slice(None) if idx is None else idx)[1],
-                )
-            ),
-        ),
-    }
+    return registry
+
+
+#: The numpy front's cases besides the registry's entries (on SGD): SAM on another base.
+OTHER_BASES = {"sam-adamw": ("sam", "adamw", dict(lr=1e-2))}
+
+
+def methods():
+    """label -> (constructor over params, how a step is called with grad_fn): every entry of the
+    registry (``tests/registry.py``) that the numpy front takes (on SGD with ``lr=0.1``), each driven
+    as it says (the sparse methods' masks left as they are), and :data:`OTHER_BASES`."""
+    registry = _import_registry()
+
+    def plain(opt, g):
+        return opt.step(g)
+
+    def micro(opt, g):  # grad_fn(params, i): the i-th half of the rows
+        return opt.step(lambda params, i: g(params, slice(16 * i, 16 * (i + 1))))
+
+    def validation(opt, g):  # the last 8 rows are the validation batch
+        return opt.step(lambda params: g(params, slice(0, 24)), lambda params: g(params, slice(24, 32)))
+
+    def per_sample(opt, g):  # grad_fn(params, indices) -> (per-sample losses, gradients of their mean)
+        return opt.step(
+            lambda params, idx: (
+                np.array([g(params, [i])[0] for i in (range(32) if idx is None else idx)]),
+                g(params, slice(None) if idx is None else idx)[1],
+            )
+        )
+
+    drives = {"micro": micro, "validation": validation, "per_sample": per_sample}
+    table = {}
+    for entry in registry.entries(lambda e: not e.torch_only):
+        table[entry.label] = (lambda p, e=entry: e.numpy(p, "sgd", dict(lr=0.1)), drives.get(entry.drive, plain))
+    for label, (of, base, kw) in OTHER_BASES.items():
+        entry = registry.get(of)
+        table[label] = (lambda p, e=entry, b=base, k=kw: e.numpy(p, b, k), drives.get(entry.drive, plain))
+    return table
 
 
 def main() -> int:
@@ -80,16 +84,18 @@ def main() -> int:
     import sharpness.numpy as snp
 
     table = methods()
-    missing = sorted(set(snp.__all__) - {name.split("-")[0] for name in table} - {"SAM"})
-    assert not missing, f"numpy methods without a step here: {missing}"
+    stepped = set()
     for name, (build, step) in table.items():
         grad_fn, params = problem()
         before = [p.copy() for p in params]
         opt = build(params)
+        stepped.add(opt.method_name())
         for _ in range(3):
             step(opt, grad_fn)
         assert all(np.isfinite(p).all() for p in params), name
         assert any(not np.array_equal(p, q) for p, q in zip(params, before)), f"{name} did not move the weights"
+    missing = sorted(set(snp.__all__) - stepped)
+    assert not missing, f"numpy methods without a step here: {missing}"
     torch_available = "torch" in sys.modules or _importable("torch")
     if not torch_available:
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import registry
 import torch
 import torch.nn.functional as F
 
@@ -310,41 +311,20 @@ BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
     "adam": (torch.optim.Adam, dict(lr=1e-2)),
 }
-# name -> constructor(params, backend, base class, base kwargs)
-VARIANTS = {
-    "sam": lambda p, e, b, kw: sharpness.SAM(p, b, rho=0.1, backend=e, **kw),
-    "asam": lambda p, e, b, kw: sharpness.SAM(p, b, rho=0.5, adaptive=True, backend=e, **kw),
-    "gsam": lambda p, e, b, kw: sharpness.GSAM(p, b, rho=0.1, rho_min=0.02, alpha=0.3, backend=e, **kw),
-    "wsam": lambda p, e, b, kw: sharpness.WSAM(p, b, rho=0.1, gamma=0.9, backend=e, **kw),
-    "wsam-coupled": lambda p, e, b, kw: sharpness.WSAM(p, b, rho=0.1, gamma=0.8, decouple=False, backend=e, **kw),
-    "friendly": lambda p, e, b, kw: sharpness.FriendlySAM(p, b, rho=0.1, sigma=1.0, lam=0.9, backend=e, **kw),
-    "monge": lambda p, e, b, kw: sharpness.MongeSAM(p, b, rho=0.1, backend=e, **kw),
-    "looksam": lambda p, e, b, kw: sharpness.LookSAM(p, b, k=3, alpha=0.7, rho=0.1, backend=e, **kw),
-    "everyk": lambda p, e, b, kw: sharpness.EveryKSAM(p, b, k=2, rho=0.1, backend=e, **kw),
-    # λ₁ = λ₂ = 1: c_t = 1 throughout, a mix of both kinds of step on these batches
-    "aesam": lambda p, e, b, kw: sharpness.AESAM(p, b, total_steps=STEPS, lam1=1.0, lam2=1.0, rho=0.1, backend=e, **kw),
-    "sampa": lambda p, e, b, kw: sharpness.SAMPa(p, b, rho=0.1, lam=0.2, backend=e, **kw),
-    "rsam": lambda p, e, b, kw: sharpness.RandomSAM(p, b, rho=0.1, sigma=1e-2, seed=0, backend=e, **kw),
-    "esam": lambda p, e, b, kw: sharpness.ESAM(p, b, beta=0.6, rho=0.1, seed=0, backend=e, **kw),
-    "ssamf": lambda p, e, b, kw: sharpness.SSAMF(p, b, rho=0.1, sparsity=0.5, seed=0, backend=e, **kw),
-    "lets": lambda p, e, b, kw: sharpness.LETS(p, b, rho=0.1, rho_lr=10.0, backend=e, **kw),
-}
-# standalone: their own update (no base optimizer)
-STANDALONE = {
-    "lightsam": lambda p, e: sharpness.LightSAM(p, lr=0.1, rho=0.1, backend=e),
-    "lightsam-adagrad": lambda p, e: sharpness.LightSAM(p, lr=0.1, rho=0.1, variant="adagrad", backend=e),
-    "lightsam-adam": lambda p, e: sharpness.LightSAM(p, lr=1e-2, rho=0.1, variant="adam", backend=e),
-    "adasam": lambda p, e: sharpness.AdaSAM(p, lr=1e-2, rho=0.1, backend=e),
-    "bsam": lambda p, e: sharpness.BayesianSAM(p, num_data=64, lr=0.05, rho=0.05, seed=0, backend=e),
-}
-ONE_PASS = ("looksam", "everyk", "aesam")
+# The methods: every entry of the registry (tests/registry.py) with the two-call API; those with an
+# update of their own take no base optimizer.
+TWO_CALL = registry.labels(lambda e: e.two_call)
+STANDALONE = registry.labels(lambda e: e.own_update)
+ONE_PASS = tuple(registry.labels(lambda e: e.one_pass))
+assert registry.get("aesam").hparams["total_steps"] == STEPS  # its schedule spans this file's runs
 
 
 def _build(name, model, backend, base="sgd"):
-    if name in STANDALONE:
-        return STANDALONE[name](model.parameters(), backend)
-    cls, kw = BASES[base]
-    return VARIANTS[name](model.parameters(), backend, cls, kw)
+    entry = registry.get(name)
+    if entry.own_update:
+        return entry.torch(model.parameters(), backend=backend)
+    cls, kw = BASES[base or "sgd"]
+    return entry.torch(model.parameters(), cls, backend, base_kwargs=kw)
 
 
 def _batches(n=STEPS, seed=5):
@@ -354,10 +334,7 @@ def _batches(n=STEPS, seed=5):
 
 def _begin(opt):
     """What a step of these methods starts with, before the first forward pass."""
-    if isinstance(opt, sharpness.RandomSAM):
-        opt.add_noise()
-    elif isinstance(opt, (sharpness.SAMPa, sharpness.BayesianSAM)):
-        opt.begin_step()
+    registry.begin(opt)
 
 
 def _loss(model, x, y, inf=False):
@@ -404,7 +381,7 @@ def _assert_same_run(m1, o1, m2, o2):
     assert repr(s1["sam"]["state"]) == repr(s2["sam"]["state"])  # floats exactly, NaN included
 
 
-CASES = [(name, base) for name in VARIANTS for base in BASES] + [(name, None) for name in STANDALONE]
+CASES = registry.cases(lambda e: e.two_call, BASES)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -463,7 +440,7 @@ def test_lets_learns_rho_after_the_scaled_step(backend):
     _assert_same_run(m1, o1, m2, o2)
 
 
-@pytest.mark.parametrize("name", ["looksam", "everyk"])
+@pytest.mark.parametrize("name", registry.labels(lambda e: e.one_pass_by_count))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inf_in_a_one_pass_step_skips_it(name, backend):
     """An inf in the gradient of a one-pass step: scaler.step(opt) finds it and the step is not
@@ -494,8 +471,10 @@ def test_inf_in_a_one_pass_step_skips_it(name, backend):
     assert o2.stats["amp_skipped_steps"] == 1
 
 
-SECOND_INF = [("sam", 0), ("gsam", 0), ("wsam", 0), ("friendly", 1), ("monge", 0), ("looksam", 3), ("everyk", 2),
-              ("aesam", 0), ("sampa", 1), ("rsam", 1), ("lightsam", 1), ("lightsam-adam", 1), ("adasam", 1), ("bsam", 1)]
+# The step whose second gradient overflows, by label (step 1 where not named): a step with a second
+# pass; after a first step where the method keeps something from one step to the next.
+SECOND_INF_STEP = {"sam": 0, "gsam": 0, "wsam": 0, "monge": 0, "looksam": 2, "everyk": 2, "aesam": 0}
+SECOND_INF = [(name, SECOND_INF_STEP.get(name, 1)) for name in registry.labels(lambda e: e.two_call and e.restores_exactly)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -563,7 +542,7 @@ def test_sampa_inf_in_the_gradient_at_y_is_not_kept(backend):
     _assert_same_run(m1, o1, m2, o2)
 
 
-NEED_KEYWORD = ["gsam", "wsam", "friendly", "monge", "looksam", "everyk", "aesam", "sampa", "rsam", "lightsam", "bsam"]
+NEED_KEYWORD = registry.labels(lambda e: e.two_call and e.needs_scaler_keyword)
 
 
 @pytest.mark.parametrize("name", NEED_KEYWORD)
@@ -605,7 +584,7 @@ def test_a_one_pass_step_taken_without_the_keyword_is_reported():
         scaler.step(opt)
 
 
-@pytest.mark.parametrize("name", ["sam", "asam", "adasam"])
+@pytest.mark.parametrize("name", registry.labels(lambda e: e.two_call and e.grad_scaler and not e.needs_scaler_keyword))
 def test_scale_invariant_methods_need_no_keyword(name):
     """SAM, ASAM and AdaSAM (SAM's perturbation, its own update on g̃) do not depend on the scale
     of the first gradient: without grad_scaler= they follow the unscaled run (to float rounding:
@@ -637,7 +616,7 @@ def test_clipping_a_one_pass_step(backend):
     _assert_same_run(m1, o1, m2, o2)
 
 
-@pytest.mark.parametrize("name", ONE_PASS + ("sampa",))
+@pytest.mark.parametrize("name", TWO_CALL)
 def test_a_disabled_scaler_is_no_scaler(name):
     """GradScaler(enabled=False) scales nothing and scaler.step(opt) just calls opt.step(): the
     loop with it is the run without a scaler, bit for bit (one-pass steps wait for opt.step())."""
@@ -673,21 +652,13 @@ def test_the_distributed_helper_passes_the_scaler_to_first_step():
     _assert_same_run(m1, o1, m2, o2)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda ps: sharpness.GAM(ps, torch.optim.SGD, rho=0.05, lr=0.1),
-        lambda ps: sharpness.CRSAM(ps, torch.optim.SGD, rho=0.05, lr=0.1),
-        lambda ps: sharpness.MSharpnessSAM(ps, torch.optim.SGD, micro_batches=2, rho=0.05, lr=0.1),
-    ],
-    ids=["gam", "crsam", "msam"],
-)
-def test_closure_only_methods_refuse_the_scaler(make):
+@pytest.mark.parametrize("name", registry.labels(lambda e: not e.grad_scaler))
+def test_closure_only_methods_refuse_the_scaler(name):
     """GAM, CR-SAM and m-sharpness take their gradients through step(closure), which a
     GradScaler cannot run: scaler.step() raises, with or without a closure, and the weights stay."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
-    opt = make(model.parameters())
+    opt = registry.get(name).torch(model.parameters(), torch.optim.SGD, base_kwargs=dict(lr=0.1))
     x, y = torch.randn(8, 4), torch.randn(8, 2)
     w0 = [p.detach().clone() for p in model.parameters()]
 

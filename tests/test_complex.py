@@ -24,6 +24,7 @@ import io
 import math
 
 import pytest
+import registry
 import torch
 from torch import nn
 
@@ -82,42 +83,9 @@ BASES = {
     "adam": (torch.optim.Adam, dict(lr=1e-2)),
 }
 
-# name -> (constructor(params, base, backend, **base kwargs), how a step is taken)
-METHODS = {
-    "sam": (lambda p, b, e, **kw: sharpness.SAM(p, b, rho=0.1, backend=e, **kw), "closure"),
-    "asam": (lambda p, b, e, **kw: sharpness.SAM(p, b, rho=0.5, adaptive=True, backend=e, **kw), "closure"),
-    "sam-subtract": (lambda p, b, e, **kw: sharpness.SAM(p, b, rho=0.1, memory="subtract", backend=e, **kw), "closure"),
-    "looksam": (lambda p, b, e, **kw: sharpness.LookSAM(p, b, k=2, alpha=0.7, rho=0.1, backend=e, **kw), "closure"),
-    "everyk": (lambda p, b, e, **kw: sharpness.EveryKSAM(p, b, k=2, rho=0.1, backend=e, **kw), "closure"),
-    "aesam": (lambda p, b, e, **kw: sharpness.AESAM(p, b, total_steps=STEPS, rho=0.1, backend=e, **kw), "closure"),
-    "msam": (lambda p, b, e, **kw: sharpness.MSharpnessSAM(p, b, micro_batches=2, rho=0.1, backend=e, **kw), "micro"),
-    "esam": (lambda p, b, e, **kw: sharpness.ESAM(p, b, beta=0.6, gamma=0.5, rho=0.1, seed=0, backend=e, **kw), "per_sample"),
-    "sampa": (lambda p, b, e, **kw: sharpness.SAMPa(p, b, rho=0.1, lam=0.2, backend=e, **kw), "closure"),
-    "gsam": (lambda p, b, e, **kw: sharpness.GSAM(p, b, rho=0.1, rho_min=0.02, alpha=0.3, backend=e, **kw), "closure"),
-    "friendly": (lambda p, b, e, **kw: sharpness.FriendlySAM(p, b, rho=0.1, sigma=1.0, lam=0.9, backend=e, **kw), "closure"),
-    "wsam": (lambda p, b, e, **kw: sharpness.WSAM(p, b, rho=0.1, gamma=0.9, backend=e, **kw), "closure"),
-    "rsam": (lambda p, b, e, **kw: sharpness.RandomSAM(p, b, rho=0.1, sigma=0.05, seed=0, backend=e, **kw), "closure"),
-    "monge": (lambda p, b, e, **kw: sharpness.MongeSAM(p, b, rho=0.1, backend=e, **kw), "closure"),
-    "ssamf": (lambda p, b, e, **kw: sharpness.SSAMF(p, b, rho=0.1, sparsity=0.5, seed=0, backend=e, **kw), "fisher"),
-    "ssamd": (lambda p, b, e, **kw: sharpness.SSAMD(p, b, rho=0.1, sparsity=0.5, seed=0, backend=e, **kw), "dynamic"),
-    "gam": (lambda p, b, e, **kw: sharpness.GAM(p, b, rho=0.1, backend=e, **kw), "closure"),
-    "crsam": (lambda p, b, e, **kw: sharpness.CRSAM(p, b, rho=0.1, backend=e, **kw), "closure"),
-    "lets": (lambda p, b, e, **kw: sharpness.LETS(p, b, rho=0.1, rho_lr=0.5, backend=e, **kw), "validation"),
-    "lets-asam": (
-        lambda p, b, e, **kw: sharpness.LETS(p, b, rho=0.3, rho_lr=0.5, adaptive=True, backend=e, **kw),
-        "validation",
-    ),
-}
-# standalone optimizers: their own update, no base optimizer
-STANDALONE = {
-    "lightsam": lambda p, e: sharpness.LightSAM(p, lr=0.1, rho=0.1, backend=e),
-    "lightsam-adagrad": lambda p, e: sharpness.LightSAM(p, lr=0.05, rho=0.1, variant="adagrad", backend=e),
-    "lightsam-adam": lambda p, e: sharpness.LightSAM(p, lr=1e-2, rho=0.1, variant="adam", backend=e),
-    "adasam": lambda p, e: sharpness.AdaSAM(p, lr=1e-2, rho=0.1, backend=e),
-    "bsam": lambda p, e: sharpness.BayesianSAM(p, num_data=64, lr=0.1, rho=0.05, seed=0, backend=e),
-}
+# The methods are the registry's entries (tests/registry.py: CASES below), each driven as it says.
 #: Methods whose randomness is drawn per engine: a model split over two engines draws other numbers.
-DRAWS_PER_ENGINE = {"rsam", "bsam"}
+DRAWS_PER_ENGINE = set(registry.labels(lambda e: e.draws_per_engine))
 
 
 def _step(opt, model, x, y, how, i, val):
@@ -171,14 +139,14 @@ def trajectory(build, pairs, backend, how="closure", mixed=False):
 
 
 def _builder(name, base):
-    if name in STANDALONE:
-        return STANDALONE[name], "closure"
-    make, how = METHODS[name]
+    entry = registry.get(name)
+    if entry.own_update:
+        return (lambda params, backend: entry.torch(params, backend=backend)), entry.drive
     cls, kw = BASES[base]
-    return (lambda params, backend: make(params, cls, backend, **kw)), how
+    return (lambda params, backend: entry.torch(params, cls, backend, base_kwargs=kw)), entry.drive
 
 
-CASES = [(m, b) for m in METHODS for b in BASES] + [(m, "own") for m in STANDALONE]
+CASES = registry.cases(None, BASES, own="own")
 
 
 @pytest.mark.parametrize("name,base", CASES, ids=[f"{m}-{b}" for m, b in CASES])
@@ -198,19 +166,20 @@ def test_complex_parameters_follow_their_real_pairs(name, base):
         for p, q in zip(as_pairs(got), as_pairs(ref)):
             assert torch.equal(p, q)
     assert opt.stats["nonfinite_skips"] == ref_opt.stats["nonfinite_skips"] == 0
-    if name.startswith("ssam"):
+    entry = registry.get(name)
+    if entry.drive in ("fisher", "dynamic"):  # the sparse methods: their masks
         masks, ref_masks = opt.mask(), ref_opt.mask()
         assert [m.shape for m in masks] == [m.shape for m in ref_masks]
-        assert opt.density() == ref_opt.density() == 0.5
+        assert opt.density() == ref_opt.density() == 1 - entry.hparams["sparsity"] == 0.5
         if base != "sgd":
             assert all(torch.equal(a, b) for a, b in zip(masks, ref_masks))
-    if name == "bsam":
+    if entry.name == "BayesianSAM":
         for a, b in zip(opt.posterior_std(), ref_opt.posterior_std()):
             assert all(torch.equal(s, t) for s, t in zip(a, b))
-    if name.startswith("lets"):
+    if entry.drive == "validation":  # LETS: ρ learned on the validation batch
         rhos, ref_rhos = [g["sam_rho"] for g in opt.param_groups], [g["sam_rho"] for g in ref_opt.param_groups]
         assert rhos == (pytest.approx(ref_rhos, rel=1e-4) if base == "sgd" else ref_rhos)
-        assert rhos != [0.1 if name == "lets" else 0.3]  # ρ was learned
+        assert rhos != [entry.hparams["rho"]]  # ρ was learned
 
 
 MIXED = [(m, b) for (m, b) in CASES if m not in DRAWS_PER_ENGINE and b != "adam"]
@@ -254,10 +223,7 @@ def test_sam_perturbation_of_a_complex_parameter(adaptive):
     torch.testing.assert_close(w.detach(), w0 - 0.1 * g, rtol=1e-12, atol=1e-14)  # restored, then SGD
 
 
-CHECKPOINTED = ["looksam", "ssamd", "lets", "lightsam-adagrad", "adasam", "bsam"]
-
-
-@pytest.mark.parametrize("name", CHECKPOINTED)
+@pytest.mark.parametrize("name", registry.labels())
 def test_complex_state_survives_a_checkpoint(name):
     """A complex run resumed from ``state_dict`` (through ``torch.save``) midway ends where the
     uninterrupted one does, bit for bit; the saved state keeps the parameters' complex dtype."""

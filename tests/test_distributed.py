@@ -13,6 +13,7 @@ import sys
 import traceback
 
 import pytest
+import registry
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -186,40 +187,32 @@ def _fsdp_job(rank: int) -> dict:
     return out
 
 
-# The family on FSDP2 shards: (name, constructor, extra data) for the deterministic variants; each
-# must follow the single-process run of the same variant on the full batch.
-FAMILY = {
-    "looksam": lambda ps: sharpness.LookSAM(ps, torch.optim.SGD, k=2, alpha=0.7, rho=0.1, lr=0.1, momentum=0.9),
-    "everyk": lambda ps: sharpness.EveryKSAM(ps, torch.optim.SGD, k=2, rho=0.1, lr=0.1, momentum=0.9),
-    "aesam": lambda ps: sharpness.AESAM(ps, torch.optim.SGD, total_steps=STEPS, rho=0.1, lr=0.1, momentum=0.9),
-    "sampa": lambda ps: sharpness.SAMPa(ps, torch.optim.SGD, rho=0.1, lam=0.2, lr=0.1, momentum=0.9),
-    "gsam": lambda ps: sharpness.GSAM(ps, torch.optim.SGD, rho=0.1, rho_min=0.02, alpha=0.3, lr=0.1, momentum=0.9),
-    "friendly": lambda ps: sharpness.FriendlySAM(ps, torch.optim.SGD, rho=0.1, sigma=1.0, lam=0.9, lr=0.1),
-    "wsam": lambda ps: sharpness.WSAM(ps, torch.optim.SGD, rho=0.1, gamma=0.9, lr=0.1, momentum=0.9),
-    "monge": lambda ps: sharpness.MongeSAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
-    "gam": lambda ps: sharpness.GAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
-    "crsam": lambda ps: sharpness.CRSAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
-    "lets": lambda ps: sharpness.LETS(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
-    "ssamf": lambda ps: sharpness.SSAMF(ps, torch.optim.SGD, rho=0.1, sparsity=0.5, lr=0.1, momentum=0.9),
-    "lightsam": lambda ps: sharpness.LightSAM(ps, lr=0.1, rho=0.1),
-    "lightsam-adagrad": lambda ps: sharpness.LightSAM(ps, lr=0.1, rho=0.1, variant="adagrad"),
-    "adasam": lambda ps: sharpness.AdaSAM(ps, lr=1e-2, rho=0.1),
-    "bsam": lambda ps: sharpness.BayesianSAM(ps, num_data=64, lr=0.1, rho=0.05, seed=0),
-    "rsam": lambda ps: sharpness.RandomSAM(ps, torch.optim.SGD, rho=0.1, sigma=0.01, lr=0.1, seed=0),
-}
+# The family on FSDP2 shards: the entries of the registry (tests/registry.py), on an SGD base with
+# momentum, each driven as it says; each must follow the single-process run of the same entry on the
+# full batch, or (``refused_on_shards``) be refused with an error naming DTensor. Left out: a method
+# that selects samples (ESAM: each rank ranks its own samples, not the full batch's) and
+# memory="subtract" (not exact: its bfloat16 e turns the all-reduced norm's rounding into ulps of bf16).
+FAMILY = registry.labels(lambda e: e.drive != "per_sample" and e.restores_exactly)
+FAMILY_BASE = (torch.optim.SGD, dict(lr=0.1, momentum=0.9))
 
 
 def _family_run(name: str, model: torch.nn.Module, shard: tuple[int, int] | None) -> tuple:
-    """``STEPS`` steps of ``FAMILY[name]`` on ``model``; ``shard=(rank, world)`` takes this rank's
-    half of each batch (FSDP averages the gradients back to the full batch's)."""
-    opt = FAMILY[name](list(model.parameters()))
+    """``STEPS`` steps of the registry's entry ``name`` on ``model``; ``shard=(rank, world)`` takes
+    this rank's half of each batch (FSDP averages the gradients back to the full batch's). The
+    micro-batches of m-sharpness are each rank's halves of its shard (on the full batch: the
+    union over the ranks of the same halves, so that the averaged gradients agree)."""
+    entry = registry.get(name)
+    cls, kw = FAMILY_BASE
+    opt = entry.torch(list(model.parameters()), cls, base_kwargs=kw)
     x_val, y_val = _batches(4)[0]
     for step, (x, y) in enumerate(_batches()):
         if shard is not None:
             x, y = x.chunk(shard[1])[shard[0]], y.chunk(shard[1])[shard[0]]
             xv, yv = x_val.chunk(shard[1])[shard[0]], y_val.chunk(shard[1])[shard[0]]
+            micro_x, micro_y = [x.chunk(2)], [y.chunk(2)]
         else:
             xv, yv = x_val, y_val
+            micro_x, micro_y = [s.chunk(2) for s in x.chunk(WORLD)], [s.chunk(2) for s in y.chunk(WORLD)]
 
         def closure():
             opt.zero_grad()
@@ -233,12 +226,32 @@ def _family_run(name: str, model: torch.nn.Module, shard: tuple[int, int] | None
             loss.backward()
             return loss
 
-        if name == "lets":
+        def micro(i):
+            opt.zero_grad()
+            xs, ys = torch.cat([c[i] for c in micro_x]), torch.cat([c[i] for c in micro_y])
+            loss = F.mse_loss(model(xs), ys)
+            loss.backward()
+            return loss
+
+        def per_sample(indices=None):
+            xs, ys = (x, y) if indices is None else (x[indices], y[indices])
+            return F.mse_loss(model(xs), ys, reduction="none").mean(dim=1)
+
+        how = entry.drive
+        if how == "validation":
             opt.step(closure, val_closure)
-        elif name == "ssamf" and step == 0:
+        elif how == "micro":
+            opt.step(micro)
+        elif how == "per_sample":
+            opt.step(per_sample)
+        elif how == "fisher" and step == 0:
             closure()
             opt.accumulate_fisher()
             opt.update_mask()
+            opt.step(closure)
+        elif how == "dynamic" and step == 1:
+            closure()
+            opt.update_mask(progress=step / STEPS)
             opt.step(closure)
         else:
             opt.step(closure)
@@ -384,7 +397,7 @@ def fsdp_family(tmp_path_factory):
 
 
 # Methods that rank or draw over whole tensors: refused on shards with a clear error.
-REFUSED_ON_SHARDS = {"ssamf", "bsam", "rsam"}
+REFUSED_ON_SHARDS = set(registry.labels(lambda e: e.refused_on_shards))
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY))

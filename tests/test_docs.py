@@ -8,6 +8,7 @@ import inspect
 import re
 
 import pytest
+import registry
 import torch
 
 import sharpness
@@ -24,7 +25,13 @@ def test_public_objects_have_a_docstring_with_an_example(name, obj):
     assert ">>>" in doc, f"{name}: the docstring has no runnable example"
 
 
-OPTIMIZERS = [(n, o) for n, o in PUBLIC if inspect.isclass(o) and issubclass(o, torch.optim.Optimizer)]
+# The methods, from the registry (tests/registry.py): each class on the torch front.
+OPTIMIZERS = [(f"sharpness.{name}", getattr(sharpness, name)) for name in registry.by_class()]
+
+
+def test_the_registry_holds_every_exported_optimizer():
+    exported = {n for n, o in PUBLIC if inspect.isclass(o) and issubclass(o, torch.optim.Optimizer)}
+    assert exported == {n for n, _ in OPTIMIZERS}
 
 
 @pytest.mark.parametrize("name, obj", OPTIMIZERS, ids=[n for n, _ in OPTIMIZERS])

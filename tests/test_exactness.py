@@ -8,8 +8,9 @@ from __future__ import annotations
 import copy
 
 import pytest
+import registry
 import torch
-from test_amp import BASES as AMP_BASES, STANDALONE, VARIANTS, _begin, _build, _loss
+from test_amp import BASES as AMP_BASES, _begin, _build, _loss
 from torch import nn
 
 import sharpness
@@ -137,8 +138,9 @@ def test_fused_step_takes_a_bool(value):
 
 # -- exceptions between and inside the halves ------------------------------------------------------
 
-# Every method with the two-call API, on both CPU engines and both bases (the AMP tests' table).
-METHOD_CASES = [(name, base) for name in VARIANTS for base in AMP_BASES] + [(name, None) for name in STANDALONE]
+# Every method with the two-call API (the registry's entries whose restoration is exact), on both
+# CPU engines and both bases (the AMP tests').
+METHOD_CASES = registry.cases(lambda e: e.two_call and e.restores_exactly, AMP_BASES)
 
 
 def _model(seed: int = 0) -> nn.Module:

@@ -19,44 +19,21 @@ os.environ["TRITON_INTERPRET"] = "1"
 torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
-import sharpness  # noqa: E402
 from sharpness.backends import triton_kernels as K  # noqa: E402
 
 if not isinstance(K._copy_flat, triton.runtime.interpreter.InterpretedFunction):
     importlib.reload(K)  # imported compiled by an earlier module: redefine under the interpreter
 
+import registry  # noqa: E402
 from _family import batches, loss_of, make_model  # noqa: E402
 
 STEPS = 6
 
-# name -> (constructor(params, base, backend, **base_kwargs), how step() is called)
-METHODS = {
-    "sam": (lambda p, b, e, **kw: sharpness.SAM(p, b, rho=0.1, backend=e, **kw), "closure"),
-    "asam": (lambda p, b, e, **kw: sharpness.SAM(p, b, rho=0.5, adaptive=True, backend=e, **kw), "closure"),
-    "looksam": (lambda p, b, e, **kw: sharpness.LookSAM(p, b, k=2, alpha=0.7, rho=0.1, backend=e, **kw), "closure"),
-    "everyk": (lambda p, b, e, **kw: sharpness.EveryKSAM(p, b, k=2, rho=0.1, backend=e, **kw), "closure"),
-    "aesam": (lambda p, b, e, **kw: sharpness.AESAM(p, b, total_steps=STEPS, rho=0.1, backend=e, **kw), "closure"),
-    "msam": (lambda p, b, e, **kw: sharpness.MSharpnessSAM(p, b, micro_batches=2, rho=0.1, backend=e, **kw), "micro"),
-    "esam": (lambda p, b, e, **kw: sharpness.ESAM(p, b, beta=0.6, gamma=0.5, rho=0.1, seed=0, backend=e, **kw), "per_sample"),
-    "sampa": (lambda p, b, e, **kw: sharpness.SAMPa(p, b, rho=0.1, lam=0.2, backend=e, **kw), "closure"),
-    "gsam": (lambda p, b, e, **kw: sharpness.GSAM(p, b, rho=0.1, rho_min=0.02, alpha=0.3, backend=e, **kw), "closure"),
-    "friendly": (lambda p, b, e, **kw: sharpness.FriendlySAM(p, b, rho=0.1, sigma=1.0, lam=0.9, backend=e, **kw), "closure"),
-    "wsam": (lambda p, b, e, **kw: sharpness.WSAM(p, b, rho=0.1, gamma=0.9, backend=e, **kw), "closure"),
-    "rsam": (lambda p, b, e, **kw: sharpness.RandomSAM(p, b, rho=0.1, seed=0, backend=e, **kw), "closure"),
-    "monge": (lambda p, b, e, **kw: sharpness.MongeSAM(p, b, rho=0.1, backend=e, **kw), "closure"),
-    "ssamf": (lambda p, b, e, **kw: sharpness.SSAMF(p, b, rho=0.1, sparsity=0.5, seed=0, backend=e, **kw), "closure"),
-    "ssamd": (lambda p, b, e, **kw: sharpness.SSAMD(p, b, rho=0.1, sparsity=0.5, seed=0, backend=e, **kw), "closure"),
-    "gam": (lambda p, b, e, **kw: sharpness.GAM(p, b, rho=0.1, backend=e, **kw), "closure"),
-    "crsam": (lambda p, b, e, **kw: sharpness.CRSAM(p, b, rho=0.1, backend=e, **kw), "closure"),
-    "lets": (lambda p, b, e, **kw: sharpness.LETS(p, b, rho=0.1, backend=e, **kw), "validation"),
-}
-# standalone optimizers: their own update, no base optimizer
-STANDALONE = {
-    "lightsam": lambda p, e: sharpness.LightSAM(p, lr=0.1, rho=0.1, backend=e),
-    "lightsam-adam": lambda p, e: sharpness.LightSAM(p, lr=1e-3, rho=0.1, variant="adam", backend=e),
-    "adasam": lambda p, e: sharpness.AdaSAM(p, lr=1e-3, rho=0.1, backend=e),
-    "bsam": lambda p, e: sharpness.BayesianSAM(p, num_data=64, lr=0.1, rho=0.05, seed=0, backend=e),
-}
+# The methods: the registry's entries (tests/registry.py), each driven as it says; the masks of the
+# sparse methods are left as they are (``fisher`` and ``dynamic`` driven as ``closure``). The Triton
+# engine keeps the exact backup only (memory="subtract" is refused there).
+METHODS = registry.labels(lambda e: not e.own_update and e.restores_exactly)
+STANDALONE = registry.labels(lambda e: e.own_update)
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     "adam": (torch.optim.Adam, dict(lr=1e-2)),
@@ -84,7 +61,7 @@ def _step(opt, model, x, y, how, x_val, y_val):
         loss.backward()
         return loss
 
-    if how == "closure":
+    if how in ("closure", "fisher", "dynamic"):
         return opt.step(closure)
     if how == "micro":  # closure(i): the i-th half of the batch
         def micro(i):
@@ -129,11 +106,12 @@ def assert_models_close(a, b):
 @pytest.mark.parametrize("base", sorted(BASES))
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_engine_follows_the_rust_trajectory(name, base):
-    make, how = METHODS[name]
+    entry = registry.get(name)
     cls, kw = BASES[base]
+    how = entry.drive
 
     def build(model, backend):
-        return make(_groups_for(model, kw), cls, backend, **kw)
+        return entry.torch(_groups_for(model, kw), cls, backend, base_kwargs=kw)
 
     ref, ref_opt = trajectory(build, "rust", how)
     for backend in ("torch", "triton"):
@@ -145,14 +123,14 @@ def test_every_engine_follows_the_rust_trajectory(name, base):
 
 @pytest.mark.parametrize("name", sorted(STANDALONE))
 def test_standalone_methods_follow_the_rust_trajectory(name):
-    make = STANDALONE[name]
+    entry = registry.get(name)
 
     def build(model, backend):
-        return make(two_groups_plain(model), backend)
+        return entry.torch(two_groups_plain(model), backend=backend)
 
-    ref, _ = trajectory(build, "rust")
+    ref, _ = trajectory(build, "rust", entry.drive)
     for backend in ("torch", "triton"):
-        got, opt = trajectory(build, backend)
+        got, opt = trajectory(build, backend, entry.drive)
         assert [e.name for e in opt.engines()] == [backend]
         assert_models_close(got, ref)
 
@@ -162,23 +140,27 @@ def two_groups_plain(model):
     return [{"params": params[:-2]}, {"params": params[-2:]}]
 
 
-@pytest.mark.parametrize("name", ["sam", "looksam", "aesam", "gsam", "sampa"])
+# A sample of the registry: plain SAM and methods of each kind under a scaler (one-pass steps by
+# count and by the norm, g mixed into the update, a step begun before the first gradient).
+SCALER_SAMPLE = ["sam", "looksam", "aesam", "gsam", "sampa"]
+
+
+@pytest.mark.parametrize("name", SCALER_SAMPLE)
 def test_triton_engine_under_a_grad_scaler(name):
     """The GradScaler loop (`first_step(zero_grad=True, grad_scaler=scaler)`, `scaler.step(opt)`)
     on the Triton engine, at a constant power-of-two scale, is the run without a scaler bit for
     bit. Plain SAM keeps its host-sync-free path (the norm stays a device tensor): the first
     gradient is unscaled by the scale tensor, never read on the host."""
-    make, _ = METHODS[name]
+    entry = registry.get(name)
     cls, kw = BASES["sgd"]
     data = batches(STEPS, seed=3)
     runs = []
     for scaled in (False, True):
         model = make_model(0)
-        opt = make(_groups_for(model, kw), cls, "triton", **kw)
+        opt = entry.torch(_groups_for(model, kw), cls, "triton", base_kwargs=kw)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10**6)
         for x, y in data:
-            if name == "sampa":
-                opt.begin_step()
+            registry.begin(opt)
             loss = loss_of(model, x, y)
             (scaler.scale(loss) if scaled else loss).backward()
             due = opt.first_step(zero_grad=True, grad_scaler=scaler if scaled else None)

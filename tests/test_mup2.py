@@ -15,6 +15,7 @@ import io
 import math
 
 import pytest
+import registry
 import torch
 from _family import assert_close, assert_equal, batches, grads_at, loss_of
 from torch import nn
@@ -397,22 +398,13 @@ def test_hidden_layers_stay_perturbed_with_width_only_under_mup2():
         assert max(values) < 2.5 * min(values), (layer, values)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda g: sharpness.GSAM(g, torch.optim.SGD, lr=0.1),
-        lambda g: sharpness.LookSAM(g, torch.optim.SGD, k=2, lr=0.1),
-        lambda g: sharpness.GAM(g, torch.optim.SGD, lr=0.1),
-        lambda g: sharpness.LETS(g, torch.optim.SGD, lr=0.1),
-        lambda g: sharpness.LightSAM(g, lr=0.1),
-        lambda g: sharpness.BayesianSAM(g, num_data=8),
-    ],
-    ids=["gsam", "looksam", "gam", "lets", "lightsam", "bsam"],
-)
-def test_variants_with_norms_of_their_own_refuse_norm_weights(make):
+@pytest.mark.parametrize("name", registry.labels(lambda e: not e.norm_weights))
+def test_variants_with_norms_of_their_own_refuse_norm_weights(name):
+    """The registry's methods whose norms are their own (``norm_weights_supported`` False)."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     params = list(model.parameters())
-    opt = make([{"params": params[:2]}, {"params": params[2:], "sam_norm_weight": 0.5}])
+    groups = [{"params": params[:2]}, {"params": params[2:], "sam_norm_weight": 0.5}]
+    opt = registry.get(name).torch(groups, torch.optim.SGD, base_kwargs=dict(lr=0.1))
     w0 = [p.detach().clone() for p in params]
 
     def closure():
@@ -422,7 +414,6 @@ def test_variants_with_norms_of_their_own_refuse_norm_weights(make):
         return loss
 
     with pytest.raises(ValueError, match="sam_norm_weight"):
-        if isinstance(opt, sharpness.BayesianSAM):
-            opt.begin_step()
+        registry.begin(opt)
         opt.step(closure)
     assert all(torch.equal(p, w) for p, w in zip(params, w0))

@@ -17,10 +17,10 @@ import sys
 
 import numpy as np
 import pytest
+import registry
 import torch
 
 import sharpness
-import sharpness.numpy as snp
 
 SGD = torch.optim.SGD
 
@@ -33,129 +33,87 @@ def _np():
     return [np.zeros(3), np.zeros(2)]
 
 
-# (label, builder(**kw) -> object, {name: (good, bad, kind)}); bad: out of range (None: no such value).
+# {name: (good, bad, kind)} by method (class name), checked on both fronts (the checks are the
+# rule's, shared by the fronts); bad: out of range (None: no such value).
 # kind: "real" a number, "int" an integer, "pair" a pair of numbers (betas);
 # "none_ok" / "list_ok" suffixes mark the values that are valid there.
-TORCH = [
-    (
-        "SAM",
-        lambda **kw: sharpness.SAM(_tparams(), SGD, lr=0.1, **kw),
-        {"rho": (0.05, -1.0, "real"), "eta": (0.01, -1.0, "real")},
-    ),
-    (
-        "LookSAM",
-        lambda **kw: sharpness.LookSAM(_tparams(), SGD, lr=0.1, **kw),
-        {"k": (5, 0, "int"), "alpha": (0.7, -1.0, "real"), "rho": (0.05, math.nan, "real")},
-    ),
-    ("EveryKSAM", lambda **kw: sharpness.EveryKSAM(_tparams(), SGD, lr=0.1, **kw), {"k": (5, 0, "int")}),
-    ("MSharpnessSAM", lambda **kw: sharpness.MSharpnessSAM(_tparams(), SGD, lr=0.1, **kw), {"micro_batches": (2, 0, "int")}),
-    (
-        "SAMPa",
-        lambda **kw: sharpness.SAMPa(_tparams(), SGD, lr=0.1, **kw),
-        {"lam": (0.2, 1.5, "real"), "rho": (0.1, -1.0, "real")},
-    ),
-    (
-        "AESAM",
-        lambda **kw: sharpness.AESAM(_tparams(), SGD, lr=0.1, **{"total_steps": 10, **kw}),
-        {
-            "total_steps": (10, 0, "int"),
-            "delta": (0.9, 1.0, "real"),
-            "lam1": (-1.0, math.inf, "real"),
-            "lam2": (1.0, math.nan, "real"),
-        },
-    ),
-    (
-        "ESAM",
-        lambda **kw: sharpness.ESAM(_tparams(), SGD, lr=0.1, **kw),
-        {"beta": (0.6, 0.0, "real"), "gamma": (0.5, 1.5, "real")},
-    ),
-    (
-        "LETS",
-        lambda **kw: sharpness.LETS(_tparams(), SGD, lr=0.1, **kw),
-        {"rho_lr": (1.0, -1.0, "real"), "rho_min": (1e-4, -1.0, "real"), "rho_max": (1.0, -1.0, "real")},
-    ),
-    (
-        "LightSAM",
-        lambda **kw: sharpness.LightSAM(_tparams(), **kw),
-        {
-            "lr": (0.1, -1.0, "real none_ok"),
-            "eps": (1e-8, 0.0, "real"),
-            "betas": ((0.9, 0.999), (1.0, 0.9), "pair"),
-            "rho": (0.05, -1.0, "real"),
-        },
-    ),
-    (
-        "AdaSAM",
-        lambda **kw: sharpness.AdaSAM(_tparams(), **kw),
-        {
-            "lr": (1e-3, -1.0, "real"),
-            "eps": (1e-8, 0.0, "real"),
-            "betas": ((0.9, 0.999), (0.9, -0.1), "pair"),
-            "rho": (0.05, -1.0, "real"),
-        },
-    ),
-    (
-        "BayesianSAM",
-        lambda **kw: sharpness.BayesianSAM(_tparams(), **{"num_data": 100, **kw}),
-        {
-            "num_data": (100, 0, "real"),
-            "lr": (0.1, -1.0, "real"),
-            "weight_decay": (1e-4, -1.0, "real"),
-            "damping": (0.1, -1.0, "real"),
-            "s_init": (1.0, 0.0, "real"),
-            "betas": ((0.9, 0.999), (0.9, 1.0), "pair"),
-            "rho": (0.05, -1.0, "real"),
-        },
-    ),
-    (
-        "GAM",
-        lambda **kw: sharpness.GAM(_tparams(), SGD, lr=0.1, **kw),
-        {
-            "rho": (0.05, -1.0, "real"),
-            "norm_rho": (0.2, -1.0, "real"),
-            "beta1": (1.0, math.nan, "real"),
-            "beta2": (1.0, math.inf, "real"),
-            "beta3": (1.0, math.nan, "real"),
-            "gamma": (0.1, math.inf, "real"),
-        },
-    ),
-    (
-        "CRSAM",
-        lambda **kw: sharpness.CRSAM(_tparams(), SGD, lr=0.1, **kw),
-        {"rho": (0.1, -1.0, "real"), "gamma": (0.1, math.nan, "real"), "beta": (0.1, math.inf, "real")},
-    ),
-    (
-        "GSAM",
-        lambda **kw: sharpness.GSAM(_tparams(), SGD, lr=0.1, **kw),
-        {
-            "alpha": (0.1, -1.0, "real"),
-            "rho_min": (0.01, -1.0, "real none_ok"),
-            "lr_max": (0.1, -1.0, "real none_ok"),
-            "lr_min": (0.0, -1.0, "real"),
-        },
-    ),
-    (
-        "FriendlySAM",
-        lambda **kw: sharpness.FriendlySAM(_tparams(), SGD, lr=0.1, **kw),
-        {"sigma": (1.0, math.inf, "real"), "lam": (0.9, 1.5, "real")},
-    ),
-    ("WSAM", lambda **kw: sharpness.WSAM(_tparams(), SGD, lr=0.1, **kw), {"gamma": (0.9, 1.0, "real")}),
-    (
-        "RandomSAM",
-        lambda **kw: sharpness.RandomSAM(_tparams(), SGD, lr=0.1, **kw),
-        {"sigma": (1.5e-3, -1.0, "real"), "lam": (2.0, 0.0, "real")},
-    ),
-    (
-        "MongeSAM",
-        lambda **kw: sharpness.MongeSAM(_tparams(), SGD, lr=0.1, **kw),
-        {"rho": (0.05, -1.0, "real"), "eta": (0.01, math.nan, "real")},
-    ),
-    ("SSAMF", lambda **kw: sharpness.SSAMF(_tparams(), SGD, lr=0.1, **kw), {"sparsity": (0.5, 1.0, "real")}),
-    (
-        "SSAMD",
-        lambda **kw: sharpness.SSAMD(_tparams(), SGD, lr=0.1, **kw),
-        {"sparsity": (0.5, -0.1, "real"), "drop_rate": (0.5, 1.5, "real")},
-    ),
+HYPERPARAMETERS = {
+    "SAM": {"rho": (0.05, -1.0, "real"), "eta": (0.01, -1.0, "real")},
+    "LookSAM": {"k": (5, 0, "int"), "alpha": (0.7, -1.0, "real"), "rho": (0.05, math.nan, "real")},
+    "EveryKSAM": {"k": (5, 0, "int")},
+    "MSharpnessSAM": {"micro_batches": (2, 0, "int")},
+    "SAMPa": {"lam": (0.2, 1.5, "real"), "rho": (0.1, -1.0, "real")},
+    "AESAM": {
+        "total_steps": (10, 0, "int"),
+        "delta": (0.9, 1.0, "real"),
+        "lam1": (-1.0, math.inf, "real"),
+        "lam2": (1.0, math.nan, "real"),
+    },
+    "ESAM": {"beta": (0.6, 0.0, "real"), "gamma": (0.5, 1.5, "real")},
+    "LETS": {
+        "rho": (0.05, -1.0, "real"),
+        "rho_lr": (1.0, -1.0, "real"),
+        "rho_min": (1e-4, -1.0, "real"),
+        "rho_max": (1.0, -1.0, "real"),
+    },
+    "LightSAM": {
+        "lr": (0.1, -1.0, "real none_ok"),
+        "eps": (1e-8, 0.0, "real"),
+        "betas": ((0.9, 0.999), (1.0, 0.9), "pair"),
+        "rho": (0.05, -1.0, "real"),
+    },
+    "AdaSAM": {
+        "lr": (1e-3, -1.0, "real"),
+        "eps": (1e-8, 0.0, "real"),
+        "betas": ((0.9, 0.999), (0.9, -0.1), "pair"),
+        "rho": (0.05, -1.0, "real"),
+    },
+    "BayesianSAM": {
+        "num_data": (100, 0, "real"),
+        "lr": (0.1, -1.0, "real"),
+        "weight_decay": (1e-4, -1.0, "real"),
+        "damping": (0.1, -1.0, "real"),
+        "s_init": (1.0, 0.0, "real"),
+        "betas": ((0.9, 0.999), (0.9, 1.0), "pair"),
+        "rho": (0.05, -1.0, "real"),
+    },
+    "GAM": {
+        "rho": (0.05, -1.0, "real"),
+        "norm_rho": (0.2, -1.0, "real"),
+        "beta1": (1.0, math.nan, "real"),
+        "beta2": (1.0, math.inf, "real"),
+        "beta3": (1.0, math.nan, "real"),
+        "gamma": (0.1, math.inf, "real"),
+    },
+    "CRSAM": {"rho": (0.1, -1.0, "real"), "gamma": (0.1, math.nan, "real"), "beta": (0.1, math.inf, "real")},
+    "GSAM": {
+        "alpha": (0.1, -1.0, "real"),
+        "rho_min": (0.01, -1.0, "real none_ok"),
+        "lr_max": (0.1, -1.0, "real none_ok"),
+        "lr_min": (0.0, -1.0, "real"),
+    },
+    "FriendlySAM": {"sigma": (1.0, math.inf, "real"), "lam": (0.9, 1.5, "real")},
+    "WSAM": {"gamma": (0.9, 1.0, "real")},
+    "RandomSAM": {"sigma": (1.5e-3, -1.0, "real"), "lam": (2.0, 0.0, "real")},
+    "MongeSAM": {"rho": (0.05, -1.0, "real"), "eta": (0.01, math.nan, "real")},
+    "SSAMF": {"sparsity": (0.5, 1.0, "real")},
+    "SSAMD": {"sparsity": (0.5, -0.1, "real"), "drop_rate": (0.5, 1.5, "real")},
+}
+# Each method is built from its first entry in the registry (tests/registry.py), the checked
+# hyperparameter replacing the entry's; on an SGD base where it takes one.
+METHODS = registry.by_class()
+
+
+def _torch_builder(entry):
+    return lambda **kw: entry.torch(_tparams(), SGD, base_kwargs=dict(lr=0.1), **kw)
+
+
+def _numpy_builder(entry, base=None):
+    return lambda **kw: entry.numpy(_np(), base, **kw)
+
+
+# (label, builder(**kw) -> object, {name: (good, bad, kind)})
+TORCH = [(name, _torch_builder(METHODS[name]), HYPERPARAMETERS[name]) for name in METHODS] + [
     (
         "SAF",
         lambda **kw: sharpness.SAF(**{"num_samples": 8, "num_classes": 3, **kw}),
@@ -182,115 +140,18 @@ TORCH = [
     ),
 ]
 
-NUMPY = [
-    (
-        "SAM",
-        lambda **kw: snp.SAM(_np(), **kw),
-        {
-            "rho": (0.05, -1.0, "real"),
-            "eta": (0.01, -1.0, "real"),
-            "lr": (0.01, -1.0, "real"),
-            "momentum": (0.9, -1.0, "real"),
-            "dampening": (0.0, math.nan, "real"),
-            "weight_decay": (0.0, -1.0, "real"),
-        },
-    ),
-    (
-        "SAM-adam",
-        lambda **kw: snp.SAM(_np(), base="adam", **kw),
-        {"betas": ((0.9, 0.999), (0.9, 1.0), "pair"), "eps": (1e-8, -1.0, "real")},
-    ),
-    ("LookSAM", lambda **kw: snp.LookSAM(_np(), **kw), {"k": (5, 0, "int"), "alpha": (0.7, -1.0, "real")}),
-    ("EveryKSAM", lambda **kw: snp.EveryKSAM(_np(), **kw), {"k": (5, 0, "int")}),
-    ("MSharpnessSAM", lambda **kw: snp.MSharpnessSAM(_np(), **kw), {"micro_batches": (2, 0, "int")}),
-    ("SAMPa", lambda **kw: snp.SAMPa(_np(), **kw), {"lam": (0.2, 1.5, "real"), "rho": (0.1, -1.0, "real")}),
-    (
-        "AESAM",
-        lambda **kw: snp.AESAM(_np(), **{"total_steps": 10, **kw}),
-        {
-            "total_steps": (10, 0, "int"),
-            "delta": (0.9, 1.0, "real"),
-            "lam1": (-1.0, math.inf, "real"),
-            "lam2": (1.0, math.nan, "real"),
-        },
-    ),
-    (
-        "LightSAM",
-        lambda **kw: snp.LightSAM(_np(), **kw),
-        {
-            "lr": (0.1, -1.0, "real none_ok"),
-            "rho": (0.05, -1.0, "real"),
-            "eps": (1e-8, 0.0, "real"),
-            "betas": ((0.9, 0.999), (1.0, 0.9), "pair"),
-        },
-    ),
-    (
-        "GSAM",
-        lambda **kw: snp.GSAM(_np(), **kw),
-        {
-            "alpha": (0.1, -1.0, "real"),
-            "rho_min": (0.01, -1.0, "real none_ok"),
-            "lr_max": (0.1, -1.0, "real none_ok"),
-            "lr_min": (0.0, -1.0, "real"),
-        },
-    ),
-    ("FriendlySAM", lambda **kw: snp.FriendlySAM(_np(), **kw), {"sigma": (1.0, math.inf, "real"), "lam": (0.9, 1.5, "real")}),
-    ("WSAM", lambda **kw: snp.WSAM(_np(), **kw), {"gamma": (0.9, 1.0, "real")}),
-    ("MongeSAM", lambda **kw: snp.MongeSAM(_np(), **kw), {"rho": (0.05, -1.0, "real")}),
-    (
-        "AdaSAM",
-        lambda **kw: snp.AdaSAM(_np(), **kw),
-        {
-            "lr": (1e-3, -1.0, "real"),
-            "rho": (0.05, -1.0, "real"),
-            "eps": (1e-8, 0.0, "real"),
-            "betas": ((0.9, 0.999), (0.9, -0.1), "pair"),
-        },
-    ),
-    (
-        "BayesianSAM",
-        lambda **kw: snp.BayesianSAM(_np(), **{"num_data": 100, **kw}),
-        {
-            "num_data": (100, 0, "real"),
-            "lr": (0.1, -1.0, "real"),
-            "rho": (0.05, -1.0, "real"),
-            "weight_decay": (1e-4, -1.0, "real"),
-            "damping": (0.1, -1.0, "real"),
-            "s_init": (1.0, 0.0, "real"),
-            "betas": ((0.9, 0.999), (0.9, 1.0), "pair"),
-        },
-    ),
-    ("SSAMF", lambda **kw: snp.SSAMF(_np(), **kw), {"sparsity": (0.5, 1.0, "real")}),
-    ("SSAMD", lambda **kw: snp.SSAMD(_np(), **kw), {"sparsity": (0.5, -0.1, "real"), "drop_rate": (0.5, 1.5, "real")}),
-    (
-        "GAM",
-        lambda **kw: snp.GAM(_np(), **kw),
-        {
-            "rho": (0.05, -1.0, "real"),
-            "norm_rho": (0.2, -1.0, "real"),
-            "beta1": (1.0, math.nan, "real"),
-            "beta2": (1.0, math.inf, "real"),
-            "beta3": (1.0, math.nan, "real"),
-            "gamma": (0.1, math.inf, "real"),
-        },
-    ),
-    (
-        "CRSAM",
-        lambda **kw: snp.CRSAM(_np(), **kw),
-        {"rho": (0.1, -1.0, "real"), "gamma": (0.1, math.nan, "real"), "beta": (0.1, math.inf, "real")},
-    ),
-    (
-        "LETS",
-        lambda **kw: snp.LETS(_np(), **kw),
-        {
-            "rho": (0.05, -1.0, "real"),
-            "rho_lr": (1.0, -1.0, "real"),
-            "rho_min": (1e-4, -1.0, "real"),
-            "rho_max": (1.0, -1.0, "real"),
-        },
-    ),
-    ("RandomSAM", lambda **kw: snp.RandomSAM(_np(), **kw), {"sigma": (1.5e-3, -1.0, "real"), "lam": (2.0, 0.0, "real")}),
-    ("ESAM", lambda **kw: snp.ESAM(_np(), **kw), {"beta": (0.6, 0.0, "real"), "gamma": (0.5, 1.5, "real")}),
+# The numpy front checks its base optimizers' settings itself (torch.optim checks the torch front's).
+NUMPY_BASES = {
+    "sgd": {
+        "lr": (0.01, -1.0, "real"),
+        "momentum": (0.9, -1.0, "real"),
+        "dampening": (0.0, math.nan, "real"),
+        "weight_decay": (0.0, -1.0, "real"),
+    },
+    "adam": {"betas": ((0.9, 0.999), (0.9, 1.0), "pair"), "eps": (1e-8, -1.0, "real")},
+}
+NUMPY = [(name, _numpy_builder(METHODS[name]), HYPERPARAMETERS[name]) for name in METHODS] + [
+    (f"SAM-{base}", _numpy_builder(METHODS["SAM"], base), params) for base, params in NUMPY_BASES.items()
 ]
 
 
@@ -361,11 +222,11 @@ def test_the_good_values_of_the_table_are_accepted(table, front):
 
 GROUP_KEYS = {"sam_rho": -1.0, "sam_eta": -1.0, "sam_norm_weight": 0.0}
 GSAM_KEYS = {"gsam_rho_max": -1.0, "gsam_rho_min": -1.0, "gsam_lr_max": -1.0, "gsam_lr_min": -1.0}
-GROUP_METHODS = [(label, build) for label, build, _ in TORCH if label not in ("SAF", "MESA")]
+GROUP_METHODS = list(METHODS)
 
 
 def _group_cases():
-    for label, _ in GROUP_METHODS:
+    for label in GROUP_METHODS:
         for key, bad in GROUP_KEYS.items():
             for what, value in {"str": "x", "None": None, "list": [0.05], "tensor0d": torch.tensor(0.05), "bool": True}.items():
                 yield pytest.param(label, key, value, TypeError, id=f"{label}-{key}-{what}")
@@ -376,32 +237,9 @@ def _group_cases():
         yield pytest.param("GSAM", key, bad, ValueError, id=f"GSAM-{key}-out_of_range")
 
 
-_CLASSES = {
-    "SAM": lambda g: sharpness.SAM(g, SGD, lr=0.1),
-    "LookSAM": lambda g: sharpness.LookSAM(g, SGD, lr=0.1),
-    "EveryKSAM": lambda g: sharpness.EveryKSAM(g, SGD, lr=0.1),
-    "MSharpnessSAM": lambda g: sharpness.MSharpnessSAM(g, SGD, lr=0.1),
-    "SAMPa": lambda g: sharpness.SAMPa(g, SGD, lr=0.1),
-    "AESAM": lambda g: sharpness.AESAM(g, SGD, total_steps=10, lr=0.1),
-    "ESAM": lambda g: sharpness.ESAM(g, SGD, lr=0.1),
-    "LETS": lambda g: sharpness.LETS(g, SGD, lr=0.1),
-    "LightSAM": lambda g: sharpness.LightSAM(g),
-    "AdaSAM": lambda g: sharpness.AdaSAM(g),
-    "BayesianSAM": lambda g: sharpness.BayesianSAM(g, num_data=100),
-    "GAM": lambda g: sharpness.GAM(g, SGD, lr=0.1),
-    "CRSAM": lambda g: sharpness.CRSAM(g, SGD, lr=0.1),
-    "GSAM": lambda g: sharpness.GSAM(g, SGD, lr=0.1),
-    "FriendlySAM": lambda g: sharpness.FriendlySAM(g, SGD, lr=0.1),
-    "WSAM": lambda g: sharpness.WSAM(g, SGD, lr=0.1),
-    "RandomSAM": lambda g: sharpness.RandomSAM(g, SGD, lr=0.1),
-    "MongeSAM": lambda g: sharpness.MongeSAM(g, SGD, lr=0.1),
-    "SSAMF": lambda g: sharpness.SSAMF(g, SGD, lr=0.1),
-    "SSAMD": lambda g: sharpness.SSAMD(g, SGD, lr=0.1),
-}
-
-
-def test_every_torch_method_has_group_cases():
-    assert sorted(_CLASSES) == sorted(label for label, _ in GROUP_METHODS)
+def test_every_method_has_hyperparameter_cases():
+    """The table covers the registry's methods, and names no other."""
+    assert sorted(HYPERPARAMETERS) == sorted(METHODS) == sorted(GROUP_METHODS)
 
 
 @pytest.mark.parametrize("label, key, value, error", list(_group_cases()))
@@ -409,7 +247,7 @@ def test_a_wrong_group_setting_is_refused_by_name(label, key, value, error):
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
     groups = [{"params": a.parameters()}, {"params": b.parameters(), key: value}]
     with pytest.raises((TypeError, ValueError)) as info:
-        _CLASSES[label](groups)
+        METHODS[label].torch(groups, SGD, base_kwargs=dict(lr=0.1))
     message = str(info.value)
     assert isinstance(info.value, error), f"{type(info.value).__name__}: {message}"
     if error is ValueError:
