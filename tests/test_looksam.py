@@ -350,3 +350,23 @@ def test_numpy_looksam_keeps_g_v_under_the_torch_front_key():
     gv = [sd["state"][i]["looksam_gv"] for i in range(len(w))]
     assert sd["sam"]["state"]["gv_norm"] == pytest.approx(math.sqrt(dot(gv, gv)), rel=1e-12) and sd["sam"]["state"]["gv_norm"] > 0
 
+
+@pytest.mark.parametrize("front", ["torch", "numpy"])
+def test_norm_weights_are_refused_on_both_fronts_before_anything_moves(front):
+    """LookSAM's norms are its own: a group weight sam_norm_weight != 1 is refused at the step (the
+    numpy front used to ignore it silently)."""
+    X, y, w = np_problem(np.float64)
+    if front == "numpy":
+        opt = snp.LookSAM([{"params": w, "sam_norm_weight": 2.0}], k=2, rho=0.1, lr=0.05)
+        before = [a.copy() for a in w]
+        with pytest.raises(ValueError, match="sam_norm_weight"):
+            opt.step(grad_fn_for(X, y, 0))
+        assert_arrays(w, before, exact=True)
+    else:
+        params = torch_params(w)
+        opt = sharpness.LookSAM([{"params": params, "sam_norm_weight": 2.0}], torch.optim.SGD, k=2, rho=0.1, lr=0.05)
+        before = [p.detach().clone() for p in params]
+        with pytest.raises(ValueError, match="sam_norm_weight"):
+            opt.step(torch_closure(params, grad_fn_for(X, y, 0)))
+        assert all(torch.equal(a, b) for a, b in zip(before, params))
+

@@ -134,6 +134,12 @@ class Method:
         cls.selects_samples = cls._second_pass_samples is not Method._second_pass_samples
         cls.has_own_update = cls._own_update is not Method._own_update
 
+    def _check_norm_weights(self) -> None:
+        """Refuses ``sam_norm_weight != 1`` for a method whose norms are its own (both fronts, at
+        every step, before anything moves)."""
+        if not self.norm_weights_supported and any(g.get("sam_norm_weight", 1.0) != 1.0 for g in self.param_groups):
+            raise ValueError(f"{type(self).__name__} computes norms of its own: it does not support sam_norm_weight != 1")
+
     # -- checkpoints --------------------------------------------------------------------------------
 
     @classmethod

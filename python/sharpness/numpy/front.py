@@ -302,6 +302,7 @@ class SAM(Method):
         for group in self.param_groups:
             self.base_optimizer.check_group(group, self.group_keys)
             self._setup_group(group)
+        self._check_norm_weights()
         return self._engines
 
     def _take(self, grads: Sequence[np.ndarray]) -> list[NumpyEngine]:

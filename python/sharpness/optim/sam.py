@@ -277,8 +277,7 @@ class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
         return self._engines
 
     def _begin(self) -> list[_FrontEngine]:
-        if not self.norm_weights_supported and any(g.get("sam_norm_weight", 1.0) != 1.0 for g in self.param_groups):
-            raise ValueError(f"{type(self).__name__} computes norms of its own: it does not support sam_norm_weight != 1")
+        self._check_norm_weights()
         engines = self.engines()
         try:
             for engine in engines:
