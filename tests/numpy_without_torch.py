@@ -32,6 +32,18 @@ def problem(seed: int = 0):
     return grad_fn, [0.1 * rng.normal(size=5), np.zeros(1)]
 
 
+def mixed_problem():
+    """``problem()`` with the weights in float32 and the bias in float64."""
+    grad_fn, params = problem()
+    params[0] = params[0].astype(np.float32)
+
+    def mixed(p, rows=slice(None)):
+        loss, grads = grad_fn([p[0].astype(np.float64), p[1]], rows)
+        return loss, [grads[0].astype(np.float32), grads[1]]
+
+    return mixed, params
+
+
 def _import_registry():
     """``tests/registry.py``, also when this file is run by path from elsewhere."""
     here = str(Path(__file__).resolve().parent)

@@ -279,7 +279,7 @@ def test_numpy_round_trip():
 
 
 def test_numpy_bad_arguments():
-    X, labels, w = make_problem()
+    w = make_problem()[2]
     with pytest.raises(ValueError, match="adaptive"):
         CRSAM(w, adaptive=True)
     with pytest.raises(TypeError, match="unknown"):
@@ -291,14 +291,6 @@ def test_numpy_bad_arguments():
             CRSAM(w, **{name: math.inf})
     with pytest.raises(ValueError, match="rho"):
         CRSAM(w, rho=-1.0)
-    g = loss_and_grads(X, labels, w, batch_rows(0))[1]
-    opt = CRSAM(w)
-    with pytest.raises(RuntimeError, match="step\\(grad_fn\\)"):
-        opt.first_step(g)
-    with pytest.raises(RuntimeError, match="step\\(grad_fn\\)"):
-        opt.second_step(g)
-    with pytest.raises(TypeError, match="pair"):
-        opt.step(lambda p: g)
 
 
 def test_numpy_bad_state_dicts():
@@ -331,27 +323,6 @@ def test_numpy_nonfinite_first_gradient_takes_the_plain_step():
     assert opt.state_dict()["sam"]["stats"]["nonfinite_skips"] == 1
     assert_arrays(w, expected, exact=True)
     assert np.isinf(w[0][1, 2]) and np.isfinite(np.delete(w[0], 6)).all()
-
-
-@pytest.mark.parametrize("fail_at", [2, 3])
-def test_numpy_an_exception_in_grad_fn_restores_the_weights(fail_at):
-    X, labels, w = make_problem()
-    saved = copy.deepcopy(w)
-    opt = CRSAM(w, rho=0.5, lr=0.1, momentum=0.9)
-    calls = []
-
-    def failing(params):
-        calls.append(1)
-        if len(calls) == fail_at:
-            raise KeyboardInterrupt
-        return loss_and_grads(X, labels, params, batch_rows(0))
-
-    with pytest.raises(KeyboardInterrupt):
-        opt.step(failing)
-    assert_arrays(w, saved, exact=True)
-    assert not opt.perturbed
-    opt.step(grad_fn_for(X, labels, 0))  # usable afterwards
-    assert not np.array_equal(w[0], saved[0])
 
 
 def test_numpy_grad_fn_may_reuse_its_output_buffers():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import registry
-from numpy_without_torch import OTHER_BASES, methods, problem
+from numpy_without_torch import OTHER_BASES, methods, mixed_problem
 
 # Every numpy case of the registry (tests/registry.py), as numpy_without_torch.py steps them.
 METHODS = methods()
@@ -24,18 +24,6 @@ def _two_call_at_w(label: str) -> bool:
 
 # The cases whose step can be interrupted between its halves.
 TWO_CALL = [label for label in METHODS if _two_call_at_w(label)]
-
-
-def _mixed_problem():
-    """``problem()`` with the weights in float32 and the bias in float64."""
-    grad_fn, params = problem()
-    params[0] = params[0].astype(np.float32)
-
-    def mixed(p, rows=slice(None)):
-        loss, grads = grad_fn([p[0].astype(np.float64), p[1]], rows)
-        return loss, [grads[0].astype(np.float32), grads[1]]
-
-    return mixed, params
 
 
 def _same(a, b) -> bool:
@@ -55,7 +43,7 @@ def test_a_step_with_a_read_only_parameter_changes_nothing(name):
     build, step = METHODS[name]
     runs = []
     for interrupted in (False, True):
-        grad_fn, params = _mixed_problem()
+        grad_fn, params = mixed_problem()
         opt = build(params)
         step(opt, grad_fn)
         if interrupted:
@@ -80,7 +68,7 @@ def test_second_step_with_a_read_only_parameter_leaves_the_step_pending(name):
     build, _ = METHODS[name]
     runs = []
     for interrupted in (False, True):
-        grad_fn, params = _mixed_problem()
+        grad_fn, params = mixed_problem()
         opt = build(params)
         opt.first_step(grad_fn(params)[1])
         grads = grad_fn(params)[1]
