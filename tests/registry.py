@@ -70,6 +70,9 @@ class MethodInfo:
     #: Refused on DTensor (FSDP2) shards, with an error naming DTensor (it ranks or draws over
     #: whole tensors).
     refused_on_shards: bool = False
+    #: Settings an SGD base must have for the method (Momentum-SAM: a momentum buffer), added where
+    #: a test's base is SGD and does not set them itself.
+    sgd_needs: dict[str, Any] = field(default_factory=dict)
 
     # -- derived from the rule's capability flags -------------------------------------------------
 
@@ -92,6 +95,11 @@ class MethodInfo:
     def one_pass(self) -> bool:
         """Some of its steps take no second pass (``first_step`` returns False)."""
         return self.rule.decides_on_norm
+
+    @property
+    def second_pass(self) -> bool:
+        """Some of its steps take a second gradient after ``first_step`` (all but Momentum-SAM's)."""
+        return not self.rule.one_gradient_per_step
 
     @property
     def one_pass_by_count(self) -> bool:
@@ -162,11 +170,14 @@ class MethodInfo:
         entry's hyperparameters."""
         import sharpness.optim
 
+        import torch
+
         cls = getattr(sharpness.optim, self.name)
         kwargs = {**self.hparams, **self.torch_hparams, **overrides}
         if self.own_update:
             return cls(params, backend=backend, **kwargs)
-        return cls(params, base, backend=backend, **{**(base_kwargs or {}), **kwargs})
+        needs = self.sgd_needs if base is torch.optim.SGD else {}
+        return cls(params, base, backend=backend, **{**needs, **(base_kwargs or {}), **kwargs})
 
     def numpy(self, arrays: Any, base: str | None = None, base_kwargs: dict | None = None, **overrides: Any):
         """``sharpness.numpy.<name>`` over ``arrays``: base ``base`` ("sgd", "adam", "adamw"; None:
@@ -180,7 +191,8 @@ class MethodInfo:
             return cls(arrays, **kwargs)
         if base is not None:
             kwargs["base"] = base
-        return cls(arrays, **{**(base_kwargs or {}), **kwargs})
+        needs = self.sgd_needs if base in (None, "sgd") else {}
+        return cls(arrays, **{**needs, **(base_kwargs or {}), **kwargs})
 
     def __repr__(self) -> str:
         return f"MethodInfo({self.label!r}: {self.name}{self.hparams})"
@@ -197,6 +209,7 @@ ENTRIES: tuple[MethodInfo, ...] = (
     MethodInfo("msam", "MSharpnessSAM", dict(micro_batches=2, rho=0.1), drive_as="micro"),
     MethodInfo("esam", "ESAM", dict(beta=0.6, gamma=0.5, rho=0.1, seed=0), draws=True),
     MethodInfo("sampa", "SAMPa", dict(rho=0.1, lam=0.2)),
+    MethodInfo("momentum-sam", "MomentumSAM", dict(rho=0.3), sgd_needs=dict(momentum=0.9)),
     MethodInfo("gsam", "GSAM", dict(rho=0.1, rho_min=0.02, alpha=0.3)),
     MethodInfo("friendly", "FriendlySAM", dict(rho=0.1, sigma=1.0, lam=0.9)),
     MethodInfo("wsam", "WSAM", dict(rho=0.1, gamma=0.9)),

@@ -403,7 +403,9 @@ def test_variant_under_a_constant_scale_equals_the_unscaled_run_bit_for_bit(name
     assert o2.stats["amp_skipped_steps"] == 0 and o2.stats["nonfinite_skips"] == 0
     assert o2.sam_state["step"] == STEPS and o2._pending is None
     assert scaler.get_scale() == SCALE
-    if name in ONE_PASS:
+    if not registry.get(name).second_pass:
+        assert not any(dues)  # Momentum-SAM: one gradient per step, every step left to scaler.step(opt)
+    elif name in ONE_PASS:
         # the test covers both kinds of step: some one-pass (deferred) steps and some SAM steps
         assert any(dues) and not all(dues)
     else:
@@ -474,7 +476,10 @@ def test_inf_in_a_one_pass_step_skips_it(name, backend):
 # The step whose second gradient overflows, by label (step 1 where not named): a step with a second
 # pass; after a first step where the method keeps something from one step to the next.
 SECOND_INF_STEP = {"sam": 0, "gsam": 0, "wsam": 0, "monge": 0, "looksam": 2, "everyk": 2, "aesam": 0}
-SECOND_INF = [(name, SECOND_INF_STEP.get(name, 1)) for name in registry.labels(lambda e: e.two_call and e.restores_exactly)]
+SECOND_INF = [
+    (name, SECOND_INF_STEP.get(name, 1))
+    for name in registry.labels(lambda e: e.two_call and e.restores_exactly and e.second_pass)
+]  # Momentum-SAM's one gradient: tests/test_momentum_sam.py
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -584,7 +589,9 @@ def test_a_one_pass_step_taken_without_the_keyword_is_reported():
         scaler.step(opt)
 
 
-@pytest.mark.parametrize("name", registry.labels(lambda e: e.two_call and e.grad_scaler and not e.needs_scaler_keyword))
+@pytest.mark.parametrize(
+    "name", registry.labels(lambda e: e.two_call and e.grad_scaler and not e.needs_scaler_keyword and e.second_pass)
+)  # Momentum-SAM's loop without the keyword (begin_step, backward, scaler.step): tests/test_momentum_sam.py
 def test_scale_invariant_methods_need_no_keyword(name):
     """SAM, ASAM and AdaSAM (SAM's perturbation, its own update on g̃) do not depend on the scale
     of the first gradient: without grad_scaler= they follow the unscaled run (to float rounding:

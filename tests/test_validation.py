@@ -98,6 +98,7 @@ HYPERPARAMETERS = {
     "MongeSAM": {"rho": (0.05, -1.0, "real"), "eta": (0.01, math.nan, "real")},
     "SSAMF": {"sparsity": (0.5, 1.0, "real")},
     "SSAMD": {"sparsity": (0.5, -0.1, "real"), "drop_rate": (0.5, 1.5, "real")},
+    "MomentumSAM": {"rho": (0.3, -1.0, "real")},
 }
 # Each method is built from its first entry in the registry (tests/registry.py), the checked
 # hyperparameter replacing the entry's; on an SGD base where it takes one.

@@ -9,7 +9,9 @@ Sub-commands:
   ``--out DIR`` (default ``./sharpness-report``) is the report folder: per model (in
   ``DIR/<model>/`` when there are several) ``results.json``, ``summary.csv``, ``summary.json``,
   ``accuracy.png``, ``landscape_1d.png``, ``landscape_2d.png``, and the combined table
-  ``DIR/summary.csv`` and ``DIR/summary.json`` (``--no-report``: none).
+  ``DIR/summary.csv`` and ``DIR/summary.json`` (``--no-report``: none). ``--rho auto``: the
+  radii found by :func:`sharpness.find_rho` before the runs (within ``--rho-budget``, 20% of a
+  run's steps by default), its table printed and ``rho_search.png`` in each report folder.
 - ``bench``: runs ``benches/bench_step.py`` of a source checkout with the arguments that follow.
 
 This module only parses arguments; the experiment lives in :mod:`sharpness.demo`.
@@ -60,6 +62,26 @@ def _float_list(text: str) -> tuple[float, ...]:
     return values
 
 
+def _rho(text: str) -> float | str:
+    """``--rho``: a radius >= 0, or ``auto`` (found by sharpness.find_rho before the runs)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'auto', got {text!r}") from err
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'auto', got {text!r}")
+    return value
+
+
+def _budget(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -107,7 +129,12 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d["lr"], help="learning rate of every optimizer")
     p.add_argument("--momentum", type=float, default=d["momentum"], help="SGD momentum (also SAM's base SGD)")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="SGD weight decay")
-    p.add_argument("--rho", type=float, default=d["rho"], help="SAM's radius")
+    p.add_argument("--rho", type=_rho, default=d["rho"],
+                   help="SAM's radius, or 'auto': before the runs, sharpness.find_rho picks the radius of every "
+                   "optimizer that takes one (ASAM's too) within --rho-budget of a run; prints its table, writes "
+                   "rho_search.png")
+    p.add_argument("--rho-budget", type=_budget, default=d["rho_budget"],
+                   help="with --rho auto: the search's steps, as a fraction of one training run's")
     p.add_argument("--asam-rho", type=float, default=d["asam_rho"], help="ASAM's radius (adaptive=True)")
     p.add_argument("--asam-eta", type=float, default=d["asam_eta"], help="ASAM's eta")
     p.add_argument("--every-k", type=_positive_int, default=d["every_k"],
@@ -184,7 +211,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         config = DemoConfig(
             epochs=epochs,
             lr=args.lr,
-            rho=args.rho,
+            rho=_DEFAULTS["rho"] if args.rho == "auto" else args.rho,
+            rho_auto=args.rho == "auto",
+            rho_budget=args.rho_budget,
             asam_rho=args.asam_rho,
             asam_eta=args.asam_eta,
             every_k=args.every_k,
@@ -217,6 +246,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.rho_sweep is not None:
         from sharpness.sweep import DEFAULT_FACTORS, run_rho_sweep
 
+        if config.rho_auto:
+            print("sharpness demo: error: --rho-sweep needs a radius to multiply: --rho auto is for training runs",
+                  file=sys.stderr)
+            return 2
         try:
             factors = DEFAULT_FACTORS if args.rho_sweep == "default" else _float_list(args.rho_sweep)
         except argparse.ArgumentTypeError as err:

@@ -114,6 +114,12 @@ class DemoConfig:
     tune_lrs: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
     val_fraction: float = 0.2
     optimizer_lrs: tuple[tuple[str, float], ...] = ()
+    # --rho auto: each radius-taking optimizer's radius found by sharpness.find_rho before the runs,
+    # within rho_budget × one training run's steps; optimizer_rhos then holds the picks and
+    # overrides rho (asam: asam_rho)
+    rho_auto: bool = False
+    rho_budget: float = 0.2
+    optimizer_rhos: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.optimizers if name not in OPTIMIZERS]
@@ -139,6 +145,8 @@ class DemoConfig:
             raise ValueError(f"tune_lrs must be finite numbers > 0, got {list(self.tune_lrs)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 < self.rho_budget <= 1.0:
+            raise ValueError(f"rho_budget must be in (0, 1], got {self.rho_budget}")
         if self.measure_size < 0:
             raise ValueError(f"measure_size must be >= 0, got {self.measure_size}")
         for name in ("lr", "rho", "asam_rho", "asam_eta", "momentum", "weight_decay", "measure_rho",
@@ -288,6 +296,24 @@ def learning_rate(name: str, config: DemoConfig) -> float:
     return dict(config.optimizer_lrs).get(name, config.lr)
 
 
+def radius_field(name: str) -> str | None:
+    """The :class:`DemoConfig` field holding ``name``'s radius (None: no radius)."""
+    if name in ("sgd", "saf", "mesa", "bsam"):  # no radius (SGD, a loss term) or its own defaults
+        return None
+    return "asam_rho" if name == "asam" else "rho"
+
+
+def with_radius(name: str, config: DemoConfig) -> DemoConfig:
+    """``config`` with ``name``'s found radius (``optimizer_rhos``, from ``--rho auto``) in its
+    radius field; ``config`` itself when there is none."""
+    found = dict(config.optimizer_rhos).get(name)
+    field_name = radius_field(name)
+    if found is None or field_name is None:
+        return config
+    changes: dict[str, Any] = {field_name: found}
+    return replace(config, **changes)
+
+
 def validation_split(data: Dataset, fraction: float, seed: int) -> Dataset:
     """The training part split again (stratified on the noisy labels, ``seed``): a Dataset whose
     ``x_train``/``y_train`` are the rest and whose ``x_test``/``y_test`` are the validation
@@ -339,6 +365,78 @@ def tune_learning_rates(
     return chosen, scores
 
 
+def search_grid(budget_steps: int, grid: Sequence[float]) -> list[float]:
+    """The largest evenly thinned sub-grid of ``grid`` (its two ends kept) whose search fits
+    ``budget_steps`` with :data:`sharpness.rho_finder.MIN_STEPS` steps per candidate: the whole
+    grid at the demo's defaults, two radii in ``--quick`` mode. Raises ValueError when not even two fit."""
+    from sharpness.rho_finder import MIN_STEPS, max_runs
+
+    for n in range(len(grid), 1, -1):
+        if budget_steps // max_runs(n) >= MIN_STEPS:
+            return [grid[round(i * (len(grid) - 1) / (n - 1))] for i in range(n)]
+    raise ValueError(
+        f"--rho auto: a budget of {budget_steps} steps is too small for a search (at least {2 * MIN_STEPS}: two radii "
+        f"of {MIN_STEPS} steps); raise --rho-budget or --epochs"
+    )
+
+
+def find_radii(
+    config: DemoConfig, data: Dataset, print_fn: Callable[[str], None] = print
+) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, Any]]:
+    """``--rho auto``: :func:`sharpness.find_rho` for every optimizer of ``config`` that takes a
+    radius (:func:`radius_field`), before the runs: from the first seed's initial weights, on the
+    first seed's first epoch of training batches (find_rho holds out the first 20% of them and
+    trains on the rest), with the optimizer the run will use (its learning rate, ``total_steps``)
+    and at most ``rho_budget`` × one run's steps (``epochs × batches per epoch``). The default grid
+    (0.01–1, ×10 for ASAM), thinned by :func:`search_grid` when the budget is small. Prints each
+    table; returns ``(picks, reports, searches)``: the radius per optimizer, the JSON-ready report
+    per optimizer (the rows, steps, seconds and the fraction of the run's steps) and the
+    :class:`~sharpness.rho_finder.RhoSearch` objects (for the plot)."""
+    from sharpness.rho_finder import DEFAULT_GRID, find_rho
+
+    seed = config.first_seed
+    device = torch.device(config.device)
+    model = build_model(data.x_train.shape[1], data.num_classes, config.hidden, config.depth, config.model)
+    model.load_state_dict(initial_state(config, data, seed))
+    model.to(device)
+    n = data.x_train.shape[0]
+    run_steps = config.epochs * math.ceil(n / config.batch_size)
+    budget = math.floor(config.rho_budget * run_steps)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    batches = [(data.x_train[order[i : i + config.batch_size]], data.y_train[order[i : i + config.batch_size]])
+               for i in range(0, n, config.batch_size)]
+
+    def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1], reduction="none")  # per sample: ESAM selects among them
+
+    picks: dict[str, float] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    searches: dict[str, Any] = {}
+    trial = replace(config, optimizer_rhos=())
+    for name in config.optimizers:
+        field_name = radius_field(name)
+        if field_name is None:
+            continue
+
+        def make(params: Any, rho: float, name: str = name, field_name: str = field_name) -> torch.optim.Optimizer:
+            changes: dict[str, Any] = {field_name: rho}
+            return make_optimizer(name, params, replace(trial, **changes), run_steps, n)
+
+        grid = [rho * (10 if name == "asam" else 1) for rho in DEFAULT_GRID]  # ASAM's ball: ×10 (find_rho's rule)
+        search = find_rho(model, make, loss_fn, batches, grid=search_grid(budget, grid), budget_steps=budget, seed=seed)
+        picks[name] = search.rho
+        searches[name] = search
+        reports[name] = {
+            "rho": search.rho, "cliff": search.cliff, "rows": search.rows, "steps": search.steps,
+            "budget_steps": search.budget_steps, "run_steps": run_steps, "steps_fraction": search.steps / run_steps,
+            "seconds": search.seconds, "notes": search.notes,
+        }
+        print_fn(f"--rho auto, {name}: find_rho within {budget} steps ({100 * config.rho_budget:g}% of a run's "
+                 f"{run_steps}); {field_name} -> {search.rho:g}")
+        print_fn(search.table())
+    return picks, reports, searches
+
+
 def make_optimizer(
     name: str, params: Any, config: DemoConfig, total_steps: int | None = None, num_data: int | None = None
 ) -> torch.optim.Optimizer:
@@ -357,7 +455,9 @@ def make_optimizer(
     held-out 10% of the training set) around the same SGD;
     ``lightsam`` (AdaGrad-Norm form, η=0.1), ``adasam`` (lr 1e-3) and ``bsam`` (its defaults,
     ``num_data``): standalone optimizers with their own update. Same base settings; one ``rho``
-    for SAM's relatives (ASAM has its own)."""
+    for SAM's relatives (ASAM has its own); a radius found by ``--rho auto`` (``optimizer_rhos``)
+    replaces it."""
+    config = with_radius(name, config)
     base: dict[str, Any] = dict(lr=learning_rate(name, config), momentum=config.momentum, weight_decay=config.weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, **base)
@@ -671,6 +771,7 @@ def time_reference(optimizers: Sequence[str]) -> str:
 
 
 def _label(name: str, config: DemoConfig) -> str:
+    config = with_radius(name, config)
     if name == "sam":
         return f"SAM (rho={config.rho:g})"
     if name == "asam":
@@ -774,6 +875,11 @@ def run_demo(
         config = replace(config, optimizer_lrs=tuple(chosen.items()))
         tuning = {"lrs": list(config.tune_lrs), "val_fraction": config.val_fraction, "chosen": chosen,
                   "val_accuracy": scores}
+    rho_search: dict[str, dict[str, Any]] | None = None
+    searches: dict[str, Any] = {}
+    if config.rho_auto:
+        picks, rho_search, searches = find_radii(config, data, print_fn)
+        config = replace(config, optimizer_rhos=tuple(picks.items()))
     print_fn(
         f"digits: {info['train_size']} train / {info['test_size']} test; {info['randomized']} training "
         f"labels randomised ({info['wrong_labels']} now wrong); {describe_model(config, info['features'])}; "
@@ -798,6 +904,10 @@ def run_demo(
             if "model" in run:
                 final_models[name] = run.pop("model")
             runs.append(run)
+            if rho_search is not None and name in rho_search and seed == config.first_seed:
+                report = rho_search[name]  # the search's cost against the run it preceded
+                report["run_seconds"] = sum(run["history"]["epoch_seconds"])
+                report["seconds_fraction"] = report["seconds"] / report["run_seconds"]
             print_fn(
                 f"{name:>4} seed {seed}: test acc {100 * run['test_accuracy']:.2f}%, train loss "
                 f"{run['train_loss']:.3f}, {run['seconds_per_epoch'] * 1000:.0f} ms/epoch"
@@ -807,6 +917,8 @@ def run_demo(
     summary = summarize(runs, config.optimizers)
     print_fn("")
     print_fn(format_table(summary, config))
+    if rho_search is not None:
+        print_fn(format_rho_search(rho_search))
     print_fn(f"total {wall:.1f} s")
     results = {
         "config": asdict(config),
@@ -823,11 +935,26 @@ def run_demo(
     }
     if tuning is not None:
         results["tuning"] = tuning
+    if rho_search is not None:
+        results["rho_search"] = rho_search
     if landscapes is not None:
         results["landscapes"] = landscapes
     if out_dir is not None:
-        write_report(results, config, out_dir, print_fn)
+        write_report(results, config, out_dir, print_fn, searches=searches)
     return results
+
+
+def format_rho_search(reports: dict[str, dict[str, Any]]) -> str:
+    """One line per searched optimizer: the pick and what the search cost against the run it preceded."""
+    lines = []
+    for name, report in reports.items():
+        seconds = report.get("seconds_fraction")
+        lines.append(
+            f"--rho auto, {name}: rho {report['rho']:g}; search {report['steps']} steps = "
+            f"{100 * report['steps_fraction']:.1f}% of the run's {report['run_steps']}, {report['seconds']:.1f} s"
+            + ("" if seconds is None else f" = {100 * seconds:.1f}% of the first run's training time")
+        )
+    return "\n".join(lines)
 
 
 def run_models(
@@ -857,7 +984,9 @@ def run_models(
         rows = []
         for model, r in results.items():
             tuned = tuple((name, float(lr)) for name, lr in r["config"]["optimizer_lrs"])
-            rows += table_rows(r["summary"], replace(config, model=model, optimizer_lrs=tuned), model=model)
+            found = tuple((name, float(rho)) for name, rho in r["config"]["optimizer_rhos"])
+            rows += table_rows(r["summary"], replace(config, model=model, optimizer_lrs=tuned, optimizer_rhos=found),
+                               model=model)
         for path in write_table(rows, out_dir):
             print_fn(f"wrote {path}")
     return results
@@ -940,12 +1069,14 @@ def write_table(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str])
 
 def write_report(
     results: dict[str, Any], config: DemoConfig, out_dir: str | os.PathLike[str],
-    print_fn: Callable[[str], None] = print,
+    print_fn: Callable[[str], None] = print, searches: dict[str, Any] | None = None,
 ) -> list[str]:
     """Writes into ``out_dir``: ``results.json`` (everything), ``summary.csv`` and
     ``summary.json`` (the table, one row per optimizer, :func:`table_rows`), ``accuracy.png``
-    (test accuracy per epoch, mean ± std over seeds) and, when the results hold landscapes,
-    ``landscape_1d.png`` and ``landscape_2d.png`` (one colour scale). Returns the paths written."""
+    (test accuracy per epoch, mean ± std over seeds), when the results hold landscapes,
+    ``landscape_1d.png`` and ``landscape_2d.png`` (one colour scale), and with ``searches``
+    (``--rho auto``'s :class:`~sharpness.rho_finder.RhoSearch` per optimizer) ``rho_search.png``.
+    Returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
     path = os.path.join(out_dir, "results.json")
@@ -978,6 +1109,10 @@ def write_report(
             plots.plot_landscape_2d(landscapes["2d"], labels, path,
                                     title=f"2-D loss landscape of the final models (seed {seed}, {noise}), "
                                     "filter-normalised directions, one colour scale")
+            written.append(path)
+        if searches:
+            path = os.path.join(out_dir, "rho_search.png")
+            plots.plot_rho_search(searches, path, title=f"--rho auto on digits, {noise}: each radius's short run")
             written.append(path)
     for path in written:
         print_fn(f"wrote {path}")

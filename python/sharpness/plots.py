@@ -2,6 +2,8 @@
 
 - :func:`plot_accuracy`: test accuracy per epoch, one line per optimizer, mean ± std over seeds;
 - :func:`plot_rho_sweep`: test accuracy against the radius ρ, one line per method;
+- :func:`plot_rho_search`: what :func:`sharpness.find_rho` tried: each radius's held-out loss
+  decrease relative to the smallest radius's, the threshold, the cliff and the pick;
 - :func:`plot_landscape_1d`: the loss along one filter-normalised random direction
   (:func:`sharpness.measure.loss_landscape_1d`) of several final models, on one axes;
 - :func:`plot_landscape_2d`: the loss on a filter-normalised random plane
@@ -97,6 +99,50 @@ def plot_rho_sweep(
     ax.set_title(title or "test accuracy against ρ")
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return fig
+
+
+def plot_rho_search(
+    searches: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    title: str = "",
+) -> Any:
+    """``searches[name]``: a :class:`sharpness.rho_finder.RhoSearch` (``name`` the legend's label,
+    "" for none). Per search, the held-out loss decrease of every radius run relative to the
+    smallest radius's, on a log ρ axis (filled markers: trains; open: fails), a dashed line at the
+    threshold, a dotted vertical line at the cliff and a star at the pick. Writes ``path``, returns
+    the figure (closed)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    colors = _distinct_colors(list(searches))
+    keep = None
+    for name, search in searches.items():
+        color = colors[name] or "tab:orange"
+        ran = [r for r in search.rows if r["steps"] is not None]
+        # a failed run's decrease can be -inf (a non-finite loss): drawn at the bottom of the axes
+        ratios = [r["ratio"] if r["ratio"] is not None else -0.1 for r in ran]
+        ax.plot([r["rho"] for r in ran], ratios, color=color, alpha=0.5, linewidth=1)
+        for row, ratio in zip(ran, ratios):
+            ax.plot([row["rho"]], [ratio], marker="o", color=color, markersize=6,
+                    markerfacecolor=color if row["status"] != "fails" else "white")
+        pick = next((r for r in ran if r["rho"] == search.rho), None)
+        label = (f"{name}: " if name else "") + f"pick ρ={search.rho:.3g}"
+        ax.plot([search.rho], [pick["ratio"] if pick and pick["ratio"] is not None else 1.0], marker="*",
+                color=color, markersize=15, linestyle="none", label=label)
+        if search.cliff is not None:
+            ax.axvline(search.cliff, color=color, linestyle=":", linewidth=1)
+        keep = search.keep
+    if keep is not None:
+        ax.axhline(keep, color="gray", linestyle="--", linewidth=1, label=f"threshold: {keep:g} × the smallest ρ's decrease")
+    ax.set_xscale("log")
+    ax.set_xlabel("ρ (dotted: the cliff, the first radius that fails)")
+    ax.set_ylabel("held-out loss decrease / smallest ρ's")
+    ax.set_title(title or "radius range test: each ρ's short run from the same weights")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -31,19 +31,13 @@ from sharpness.demo import (
     _progress_factory,
     initial_state,
     load_noisy_digits,
+    radius_field,  # noqa: F401 - the field of each optimizer's radius, known here by that name too
     set_threads,
     train_run,
 )
 
 #: The default grid: factors of each method's default radius, 1/8 to 8 on a log scale.
 DEFAULT_FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-
-
-def radius_field(name: str) -> str | None:
-    """The :class:`~sharpness.demo.DemoConfig` field holding ``name``'s radius (None: no radius)."""
-    if name in ("sgd", "saf", "mesa", "bsam"):  # no radius (SGD, a loss term) or its own defaults
-        return None
-    return "asam_rho" if name == "asam" else "rho"
 
 
 def run_rho_sweep(

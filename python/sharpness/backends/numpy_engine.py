@@ -226,6 +226,11 @@ class NumpyEngine:
             out[gi] = out.get(gi, 0.0) + _core.dot(xs[lo:hi], ys[lo:hi])
         return out
 
+    def state_sums_of_squares(self, name: str, state: dict) -> dict[int, float] | None:
+        if any(state.get(key, {}).get(name) is None for key in self.keys):
+            return None  # a base optimizer's buffer not created yet: never created here
+        return self.group_dots(name, name, state)
+
     def scale_adaptive(self, x: str, groups: list[dict[str, Any]], state: dict) -> None:
         xs = self._array(x, state, write=True)
         for gi, lo, hi in self.group_runs:

@@ -251,6 +251,13 @@ class RustEngine:
             out[gi] = out.get(gi, 0.0) + d
         return out
 
+    def state_sums_of_squares(self, name: str, state: dict) -> dict[int, float] | None:
+        """Per group over every parameter of the flat buffers (None when one lacks ``name``: a base
+        optimizer's buffer is never created here)."""
+        if any(state.get(p, {}).get(name) is None for p in self.buffers.params):
+            return None
+        return self.group_dots(name, name, state)
+
     def scale_adaptive(self, x: str, groups: list[dict[str, Any]], state: dict) -> None:
         """``x ← T²⊙x``, ``T = |w|+η`` (in the weights' dtype), on the adaptive groups with ``ρ ≠ 0``;
         into the gradients only where a parameter holds one. Torch ops on the flat tensors (any

@@ -305,6 +305,21 @@ class TorchEngine:
         """``Σ a·b`` per group over its parameters that hold a gradient (one host read per group)."""
         return {gi: float(torch.stack(dots).sum()) for gi, dots in self._dots_by_group(a, b, state).items()}
 
+    def state_sums_of_squares(self, name: str, state: dict) -> dict[int, float] | None:
+        """Per group over every trainable parameter, gradient or not (None when one lacks ``name``:
+        a base optimizer's buffer is never created here); :meth:`group_dots` over them (the DTensor
+        subclass's reduces across ranks)."""
+        trainable = [i for i, p in enumerate(self.params) if p.requires_grad]
+        if any(state.get(self.params[i], {}).get(name) is None for i in trainable):
+            return None
+        with_gradients, self.by_group = self.by_group, {}
+        for i in trainable:
+            self.by_group.setdefault(self.group_of[i], []).append(i)
+        try:
+            return self.group_dots(name, name, state)
+        finally:
+            self.by_group = with_gradients
+
     def scale_adaptive(self, x: str, groups: list[dict[str, Any]], state: dict) -> None:
         """``x ← T²⊙x``, ``T = |w|+η`` (in the weights' dtype), on the adaptive groups with
         ``ρ ≠ 0``, over the parameters that hold a gradient."""

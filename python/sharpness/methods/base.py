@@ -44,7 +44,7 @@ TRANSITIONS: dict[Phase | None, frozenset[Phase | None]] = {
     Phase.SKIPPED: frozenset({None}),
     Phase.ONE_PASS: frozenset({None}),
     Phase.SKIP_STEP: frozenset({None}),
-    Phase.AT_Y: frozenset({None, Phase.PERTURBED, Phase.SKIP_STEP}),
+    Phase.AT_Y: frozenset({None, Phase.PERTURBED, Phase.SKIP_STEP, Phase.ONE_PASS}),
 }
 
 
@@ -88,6 +88,9 @@ class Method:
     #: name, each optional: LETS's ``("val_fn",)``, the validation batch's. The fronts check them
     #: before anything moves and hand the given ones to :meth:`_after_whole_step`.
     step_functions: ClassVar[tuple[str, ...]] = ()
+    #: It takes one gradient per step and never a second pass (Momentum-SAM: its perturbation comes
+    #: before the gradient): its ``first_step`` always returns False.
+    one_gradient_per_step: ClassVar[bool] = False
     #: For a method that takes its step through :meth:`_step_by_evaluations`: the gradients it
     #: takes, in words, for the fronts' messages ("four gradients per step").
     evaluations_per_step: ClassVar[str] = ""

@@ -57,6 +57,12 @@ class Engine(Protocol):
         """``Σ a·b`` per parameter group, by group index (the groups this engine serves; summed
         across ranks where the parameters are sharded), over the parameters :meth:`dot` covers."""
 
+    def state_sums_of_squares(self, name: str, state: Any) -> dict[int, float] | None:
+        """``Σ‖state[p][name]‖²`` per group, by group index, over every trainable parameter the engine
+        serves, gradient or not (summed across ranks where the parameters are sharded): a vector the
+        base optimizer keeps (Momentum-SAM's momentum buffer). None when a trainable parameter does
+        not hold it (yet): it is never created here, so the base optimizer still starts it its own way."""
+
     def scale_adaptive(self, x: str, groups: list[dict[str, Any]], state: Any) -> None:
         """``x ← T²⊙x``, ``T = |w|+η``, on the adaptive groups with ``ρ ≠ 0`` (ASAM's direction
         ``T²g`` from ``g``); the other groups' entries unchanged."""

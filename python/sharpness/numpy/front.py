@@ -389,11 +389,17 @@ class SAM(Method):
 
     def _one_pass_step(self, engines: list[NumpyEngine], grad_norm: float) -> None:
         self._one_pass_gradient(engines, grad_norm)
-        self._plain_step(engines)
+        try:
+            self._plain_step(engines)  # from w restored, where begin_step() moved it (Momentum-SAM)
+        except BaseException:
+            self.restore()
+            raise
+        self._pending = None
         self._finish_step()
 
     def _plain_step(self, engines: list[NumpyEngine]) -> None:
-        """The base step with ``"grads"``, nothing perturbed."""
+        """The base step with ``"grads"`` from ``w`` (restored first where a step begun elsewhere
+        moved the weights)."""
         self._restore_and_step(engines)
 
     def _restore_and_step(self, engines: list[NumpyEngine]) -> None:

@@ -428,7 +428,12 @@ class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
         self._one_pass_gradient(engines, grad_norm)
         if grad_scaler is None:
             self._one_pass_on_scaled = True  # if a GradScaler's step follows, this one was wrong
-            self._plain_step(engines, synced=True)
+            try:
+                self._plain_step(engines, synced=True)  # from w restored, where begin_step() moved it
+            except BaseException:
+                self.restore()
+                raise
+            self._pending = None
             self._finish_step(zero_grad)
             return
         if scale is not None:
@@ -474,13 +479,16 @@ class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
 
 
     def _plain_step(self, engines: list[_FrontEngine], fused: bool = True, synced: bool = False) -> None:
-        """The base step with the gradients in ``p.grad`` and no perturbation to undo
-        (``synced``: the engines' :meth:`begin` ran since the last backward). A method with an
-        update of its own takes that instead (``has_own_update``)."""
+        """The base step with the gradients in ``p.grad``, from ``w`` (restored first where a step
+        begun elsewhere moved the weights: Momentum-SAM's one-pass step; ``synced``: the engines'
+        :meth:`begin` ran since the last backward). A method with an update of its own takes that
+        instead (``has_own_update``)."""
         if self.has_own_update:
             if not synced:
                 for engine in engines:
                     engine.begin()  # re-attach any gradient view replaced since
+            for engine in engines:
+                engine.restore()  # nothing when the weights did not move
             self._own_update(engines)
             self.stats["base_steps"] += 1
         elif fused and self._fuses(engines):
@@ -489,6 +497,7 @@ class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
         else:
             for engine in engines:
                 engine.begin()  # re-attach any gradient view replaced since
+                engine.restore()  # nothing when the weights did not move
             with ExitStack() as stack:
                 for engine in engines:
                     stack.enter_context(engine.absent_grads_as_none())
@@ -556,6 +565,13 @@ class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
         if self._pending is None:
             raise RuntimeError("second_step() needs a first_step() before it; " + _HOW_TO_CALL)
         if self._pending == Phase.AT_Y:
+            if self._second_pass_due_by_count() is False:  # one gradient per step (Momentum-SAM): the step's
+                try:
+                    self.first_step(zero_grad=zero_grad)
+                except BaseException:
+                    self.restore()  # never leave the weights moved behind an exception
+                    raise
+                return
             raise RuntimeError("second_step() after begin_step() needs first_step() (with the gradient there) before it")
         if self._pending in ("one_pass", "skip_step"):
             self._finish_deferred(zero_grad)
@@ -734,6 +750,11 @@ class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
         if self._pending is None:
             if scaled:
                 raise RuntimeError("GradScaler.step() needs a first_step() before it; " + AMP_HOW_TO_CALL)
+            if self.begins_before_first_gradient:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step() without a closure needs begin_step() before the forward pass "
+                    "(it moves the weights to where the step's gradient is taken), or call step(closure)"
+                )
             raise RuntimeError("step() without a closure needs a first_step() before it; " + _HOW_TO_CALL)
         if scaled:
             self._scaled_second_step()
@@ -849,9 +870,9 @@ class SAM(Method, GradScalerSupport, Diagnostics, torch.optim.Optimizer):
         (``step(closure)`` does it itself). Returns whether there was something to undo."""
         pending, self._pending = self._pending, None
         self._deferred_zero_grad = False
-        if pending in (Phase.PERTURBED, Phase.AT_Y):
+        if pending is not None:  # a one-pass step left to the GradScaler may start from a move too
             for engine in self.engines():
-                engine.restore()
+                engine.restore()  # nothing where the weights did not move
         return pending is not None
 
     def _devices(self) -> set[torch.device]:
