@@ -168,9 +168,9 @@ class MethodInfo:
         """``sharpness.<name>`` over ``params``: ``base`` (a ``torch.optim.Optimizer`` class) with
         ``base_kwargs``, both ignored for a method with its own update; ``overrides`` replace the
         entry's hyperparameters."""
-        import sharpness.optim
-
         import torch
+
+        import sharpness.optim
 
         cls = getattr(sharpness.optim, self.name)
         kwargs = {**self.hparams, **self.torch_hparams, **overrides}
