@@ -299,7 +299,7 @@ class _Search:
                     loss = step_with(_closure(model, self.loss_fn, batch, optimizer))
                 self.steps_taken += 1
                 if loss is not None:
-                    losses.append(loss.detach().float().mean())
+                    losses.append(loss.detach().to(torch.float64).mean())
         finally:
             restore = getattr(optimizer, "restore", None)
             if callable(restore):  # never evaluate (or leave) weights mid-step

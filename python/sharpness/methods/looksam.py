@@ -36,6 +36,9 @@ __all__ = ["EveryKSAM", "LookSAM"]
 
 _GV = "looksam_gv"
 
+#: How LookSAM scales the reused ``g_v`` on the steps between SAM steps (see :class:`LookSAM`).
+VARIANTS = ("paper", "relative")
+
 
 def _check_k(k: int) -> int:
     return number("k", k, minimum=1, integer=True)
@@ -77,3 +80,107 @@ class EveryKSAM(Method):
         return self.sam_state["step"] % self.k == 0
 
 
+class LookSAM(Method):
+    """LookSAM (Liu et al., CVPR 2022, arXiv:2203.02714): a SAM step every ``k`` steps that
+    keeps ``g_v``, the part of the SAM gradient orthogonal to the plain gradient; in between,
+    one gradient pass with ``g`` plus ``α·g_v`` rescaled.
+
+    On a SAM step (``t mod k = 0``), with ``g_k = ∇L(w)`` and ``g_s = ∇L(w + ρ g_k/‖g_k‖)``::
+
+        g_v = g_s − (g_k·g_s/‖g_k‖²)·g_k        (the step itself uses g_s, as SAM)
+
+    On the ``k − 1`` steps in between, one gradient ``g`` and the update direction
+
+    - ``variant="paper"`` (the paper's Algorithm 1, the default): ``g + α·(‖g‖/‖g_v‖)·g_v``.
+      ``g_v`` is pushed with norm ``α‖g‖`` whatever its own size: ``α/(‖g_v‖/‖g_k‖)`` times
+      the push SAM itself gave it, and still ``α‖g‖`` as ``ρ → 0``.
+    - ``variant="relative"``: ``g + α·(‖g‖/‖g_k‖)·g_v``. ``g_v`` keeps the size it had
+      relative to the gradient at the last SAM step (with ``α = 1`` exactly SAM's orthogonal
+      part, rescaled as ``‖g‖`` changes), so the push shrinks with ``ρ`` and the method tends
+      to the base optimizer as ``ρ → 0``.
+
+    ``k = 1`` is SAM and ``α = 0`` every-k SAM, in both forms; ``ρ = 0`` is the base optimizer
+    (``g_v = 0``).
+
+    Which form: the paper's is right where SAM's orthogonal part is already large next to
+    ``α‖g‖`` (the paper's ViTs and ResNets; the demo's over-parameterised MLP, where it beats
+    SAM). Where it is small — early in training, small ``ρ``, small convolutional networks — the
+    paper's form multiplies it, the same direction for ``k − 1`` steps in a row, which momentum
+    compounds: on the small convolutional networks of ``docs/research/looksam_stall.md`` it
+    kills the ReLUs and stalls at chance (loss ``ln 10``) where SGD, SAM and every-k SAM learn.
+    ``variant="relative"`` does not, and is the library's efficient pick
+    (``k=5, alpha=1.0, variant="relative"``); the paper's form stays the default, so that
+    ``LookSAM`` means the paper's method.
+
+    Args:
+        params, base_optimizer, rho, adaptive, eta, backend, **base_kwargs: as for
+            :class:`sharpness.SAM`.
+        k: a SAM step every ``k`` steps (the first step is one).
+        alpha: the weight ``α`` of the reused component.
+        variant: ``"paper"`` or ``"relative"``: how ``g_v`` is scaled on the steps in between.
+
+    ``g_v`` is checkpointed in the per-parameter state (``"looksam_gv"``), ``‖g_v‖`` and
+    ``‖g_k‖`` in ``state_dict()["sam"]["state"]`` (``"gv_norm"``, ``"g_norm"``).
+
+    Example:
+        >>> import torch, sharpness
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = sharpness.LookSAM(model.parameters(), torch.optim.SGD, k=5, alpha=0.7, rho=0.05, lr=0.1)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(5):
+        ...     loss = opt.step(closure)  # the closure runs twice on step 0, once on steps 1-4
+        >>> safe = sharpness.LookSAM(model.parameters(), torch.optim.SGD, k=5, alpha=1.0, variant="relative",
+        ...                          rho=0.05, lr=0.1, momentum=0.9)
+    """
+
+    norm_weights_supported = False  # its own norms (see SAM.norm_weights_supported)
+
+    needs_unscaled_first_gradient = (
+        "g_v mixes the first gradient g with g̃, which the scaler unscales, and its one-pass steps must be "
+        "left to scaler.step()"
+    )
+
+    def __init__(self, *args: Any, k: int = 5, alpha: float = 0.7, variant: str = "paper", **kwargs: Any) -> None:
+        self.k = _check_k(k)
+        self.alpha = number("alpha", alpha, minimum=0)
+        if not isinstance(variant, str) or variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
+        super().__init__(*args, **kwargs)
+        self.sam_state["gv_norm"] = 0.0
+        self.sam_state["g_norm"] = 0.0
+
+    def _second_pass_due(self, grad_norm: float) -> bool:
+        return self.sam_state["step"] % self.k == 0
+
+    def _second_pass_due_by_count(self) -> bool:
+        return self.sam_state["step"] % self.k == 0
+
+    def _before_perturbation(self, engines: Sequence[Engine]) -> None:
+        for engine in engines:  # keep g: g_v is computed from it once g_s is known
+            engine.copy("grads", _GV, self.state)
+
+    def _before_base_step(self, engines: Sequence[Engine]) -> None:
+        g_dot_g = sum(engine.dot(_GV, _GV, self.state) for engine in engines)
+        g_dot_gs = sum(engine.dot("grads", _GV, self.state) for engine in engines)
+        c = g_dot_gs / g_dot_g if g_dot_g > 0 else 0.0
+        for engine in engines:  # g_v = g_s − c·g, in the buffer that held g
+            engine.axpby("grads", _GV, 1.0, -c, self.state)
+        self.sam_state["g_norm"] = math.sqrt(g_dot_g)
+        self.sam_state["gv_norm"] = math.sqrt(sum(engine.dot(_GV, _GV, self.state) for engine in engines))
+
+    def _one_pass_gradient(self, engines: Sequence[Engine], grad_norm: float) -> None:
+        gv_norm = self.sam_state["gv_norm"]
+        # what α‖g‖·g_v is divided by: ‖g_v‖ (the paper), or ‖g_k‖ (relative)
+        denominator = gv_norm if self.variant == "paper" else self.sam_state["g_norm"]
+        if self.alpha == 0 or gv_norm == 0 or denominator == 0:
+            return
+        g_norm = math.sqrt(sum(engine.dot("grads", "grads", self.state) for engine in engines))
+        scale = self.alpha * g_norm / denominator
+        for engine in engines:  # g ← g + α‖g‖/denominator·g_v
+            engine.axpby(_GV, "grads", scale, 1.0, self.state)
