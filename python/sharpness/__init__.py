@@ -44,6 +44,7 @@ _TORCH_FRONT = {
     "mup2_param_groups": "sharpness.mup2",
     "SAF": "sharpness.regularizers",
     "MESA": "sharpness.regularizers",
+    "find_rho": "sharpness.rho_finder",
     **dict.fromkeys(_METHODS, "sharpness.optim"),
 }
 _TORCH_MODULES = ("measure",)  # submodules reachable as attributes after `import sharpness`
@@ -79,6 +80,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names as plain imports
     from sharpness.mup2 import mup2_param_groups
     from sharpness.optim import SAM as SAM
     from sharpness.regularizers import MESA, SAF
+    from sharpness.rho_finder import find_rho
 
 __all__ = [
     *_METHODS,
@@ -90,4 +92,5 @@ __all__ = [
     "frozen_running_stats",
     "param_groups",
     "mup2_param_groups",
+    "find_rho",
 ]

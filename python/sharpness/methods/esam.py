@@ -22,7 +22,7 @@ Every tensor, perturbed or not, steps with the second gradient ``∇L_{B⁺}(w +
 code unfreezes every tensor before the second pass and lets the base optimizer step on all).
 
 The rule runs over the engine contract: the draw is ``engine.draw_uniform`` from the front's
-:attr:`generator`, the tensors left out lose their first gradient by ``engine.drop_gradients``,
+``generator``, the tensors left out lose their first gradient by ``engine.drop_gradients``,
 ``1/β`` is ``engine.scale``. What differs between the fronts is how a whole step calls the
 caller's function (a closure of the sample indices returning per-sample losses; a ``grad_fn`` of
 the parameters and the sample indices) and whether a gradient can be left uncomputed: the

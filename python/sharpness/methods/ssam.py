@@ -19,9 +19,9 @@ The mask and the Fisher sum are vectors of the engines (``engine.mul`` applies t
 ``engine.add_square`` adds ``g²``); the global top-k runs on the host over copies the engines give
 (``engine.read``), ranked in float32 with ties going to the lower flat index (parameters in group
 order, a complex one as its real pairs), and the new mask goes back through ``engine.write``. The
-random draws come from the front's :attr:`generator` (``engine.draw_uniform``): a ``torch.Generator``
+random draws come from the front's ``generator`` (``engine.draw_uniform``): a ``torch.Generator``
 on the torch front, a numpy ``Generator`` on the numpy front, so the same seed gives different masks
-on the two fronts (:meth:`set_mask` copies one).
+on the two fronts (:meth:`SSAMF.set_mask` copies one).
 """
 
 from __future__ import annotations
