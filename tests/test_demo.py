@@ -357,3 +357,72 @@ def test_bench_outside_a_source_checkout(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_bench_script", lambda: None)
     assert cli.main(["bench", "--quick"]) == 2
     assert "source checkout" in capsys.readouterr().err
+
+
+# -- --rho auto (sharpness.find_rho before the runs) --------------------------------------------------
+
+
+def test_rho_auto_finds_each_radius_before_the_runs(tmp_path, capsys):
+    argv = ["demo", "--quick", "--rho", "auto", "--models", "mlp", "--optimizers", "sgd,sam,asam", "--threads", "0",
+            "--no-progress", "--hidden", "32", "--measure-size", "0", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    search = results["rho_search"]
+    assert set(search) == {"sam", "asam"}  # SGD takes no radius
+    found = dict(results["config"]["optimizer_rhos"])
+    run_steps = 2 * math.ceil(results["dataset"]["train_size"] / 32)  # --quick: 2 epochs of batches of 32
+    for name, report in search.items():
+        grid = [row["rho"] for row in report["rows"]]
+        assert found[name] == report["rho"] in grid
+        assert report["run_steps"] == run_steps and report["budget_steps"] == math.floor(0.2 * run_steps)
+        assert 0 < report["steps"] <= report["budget_steps"]  # at most 20% of the run it precedes
+        assert report["steps_fraction"] == pytest.approx(report["steps"] / run_steps) and report["steps_fraction"] <= 0.2
+        assert report["seconds_fraction"] == pytest.approx(report["seconds"] / report["run_seconds"])
+        assert f"--rho auto, {name}: rho {report['rho']:g}; search {report['steps']} steps" in out
+    # the quick run's budget (16 steps) holds two radii of 8 steps: the default grid's ends, ASAM's ×10
+    assert [row["rho"] for row in search["sam"]["rows"]] == [0.01, 1.0]
+    assert [row["rho"] for row in search["asam"]["rows"]] == pytest.approx([0.1, 10.0])
+    assert "held-out loss" in out and "budgeted steps" in out  # the tables, printed before the runs
+    assert out.index("held-out loss") < out.index("sam seed 0:")
+    # the runs took the picks: the table's labels and the optimizers' radii
+    assert f"SAM (rho={found['sam']:g})" in out and f"ASAM (rho={found['asam']:g}, eta=0.01)" in out
+    assert (tmp_path / "rho_search.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"wrote {tmp_path / 'rho_search.png'}" in out
+
+
+def test_found_radii_reach_the_optimizers():
+    config = DemoConfig(optimizers=("sam", "asam", "looksam"), optimizer_rhos=(("sam", 0.07), ("asam", 2.5)))
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert demo.make_optimizer("sam", params, config).param_groups[0]["sam_rho"] == 0.07
+    assert demo.make_optimizer("asam", params, config).param_groups[0]["sam_rho"] == 2.5
+    assert demo.make_optimizer("looksam", params, config).param_groups[0]["sam_rho"] == config.rho  # not searched
+    assert demo.make_optimizer("esam", params, config).param_groups[0]["sam_rho"] == pytest.approx(config.rho * 0.6)
+
+
+def test_search_grid_thins_to_the_budget():
+    from sharpness.rho_finder import DEFAULT_GRID, MIN_STEPS, max_runs
+
+    assert demo.search_grid(320, DEFAULT_GRID) == list(DEFAULT_GRID)  # the demo's default run: 1,600 steps
+    for budget in (16, 30, 47, 100):
+        grid = demo.search_grid(budget, DEFAULT_GRID)
+        assert grid[0] == DEFAULT_GRID[0] and grid[-1] == DEFAULT_GRID[-1] and set(grid) <= set(DEFAULT_GRID)
+        assert budget // max_runs(len(grid)) >= MIN_STEPS  # fits
+        if len(grid) < len(DEFAULT_GRID):
+            assert budget // max_runs(len(grid) + 1) < MIN_STEPS  # and is the largest that fits
+    with pytest.raises(ValueError, match="too small"):
+        demo.search_grid(15, DEFAULT_GRID)
+
+
+def test_rho_auto_bad_arguments(capsys):
+    for argv in (["demo", "--rho", "automatic"], ["demo", "--rho", "-0.1"], ["demo", "--rho-budget", "0"],
+                 ["demo", "--rho-budget", "1.5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+    assert cli.main(["demo", "--rho", "auto", "--rho-sweep", "--no-report", "--quick"]) == 2
+    assert "--rho auto is for training runs" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["demo", "--rho", "AUTO"]).rho == "auto"
+    assert cli.build_parser().parse_args(["demo", "--rho", "0.3"]).rho == 0.3
+    with pytest.raises(ValueError, match="rho_budget"):
+        DemoConfig(rho_budget=0.0)

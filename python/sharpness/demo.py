@@ -43,6 +43,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -384,15 +385,16 @@ def find_radii(
     config: DemoConfig, data: Dataset, print_fn: Callable[[str], None] = print
 ) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, Any]]:
     """``--rho auto``: :func:`sharpness.find_rho` for every optimizer of ``config`` that takes a
-    radius (:func:`radius_field`), before the runs: from the first seed's initial weights, on the
-    first seed's first epoch of training batches (find_rho holds out the first 20% of them and
-    trains on the rest), with the optimizer the run will use (its learning rate, ``total_steps``)
-    and at most ``rho_budget`` × one run's steps (``epochs × batches per epoch``). The default grid
-    (0.01–1, ×10 for ASAM), thinned by :func:`search_grid` when the budget is small. Prints each
+    radius (:func:`radius_field`), before the runs: from the first seed's initial weights, on a
+    validation split of the training set (:func:`validation_split`, ``val_fraction``, noisy labels
+    as a practitioner has them; the rest in batches of ``batch_size``, shuffled with the first
+    seed), with the optimizer the run will use (its learning rate, ``total_steps``)
+    and at most ``rho_budget`` × one run's steps (``epochs × batches per epoch``). find_rho's default
+    grid (0.01–1, ×10 for ASAM and Momentum-SAM), thinned by :func:`search_grid` when the budget is small. Prints each
     table; returns ``(picks, reports, searches)``: the radius per optimizer, the JSON-ready report
     per optimizer (the rows, steps, seconds and the fraction of the run's steps) and the
     :class:`~sharpness.rho_finder.RhoSearch` objects (for the plot)."""
-    from sharpness.rho_finder import DEFAULT_GRID, find_rho
+    from sharpness.rho_finder import DEFAULT_GRID, find_rho, radius_scale
 
     seed = config.first_seed
     device = torch.device(config.device)
@@ -402,9 +404,12 @@ def find_radii(
     n = data.x_train.shape[0]
     run_steps = config.epochs * math.ceil(n / config.batch_size)
     budget = math.floor(config.rho_budget * run_steps)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
-    batches = [(data.x_train[order[i : i + config.batch_size]], data.y_train[order[i : i + config.batch_size]])
-               for i in range(0, n, config.batch_size)]
+    split = validation_split(data, config.val_fraction, config.data_seed)
+    order = torch.randperm(len(split.y_train), generator=torch.Generator().manual_seed(seed)).to(device)
+    size = config.batch_size
+    batches = [(split.x_train[order[i : i + size]], split.y_train[order[i : i + size]])
+               for i in range(0, len(order), size)]
+    val_batches = [(split.x_test[i : i + 256], split.y_test[i : i + 256]) for i in range(0, len(split.y_test), 256)]
 
     def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         return F.cross_entropy(model(batch[0]), batch[1], reduction="none")  # per sample: ESAM selects among them
@@ -422,8 +427,12 @@ def find_radii(
             changes: dict[str, Any] = {field_name: rho}
             return make_optimizer(name, params, replace(trial, **changes), run_steps, n)
 
-        grid = [rho * (10 if name == "asam" else 1) for rho in DEFAULT_GRID]  # ASAM's ball: ×10 (find_rho's rule)
-        search = find_rho(model, make, loss_fn, batches, grid=search_grid(budget, grid), budget_steps=budget, seed=seed)
+        scale = radius_scale(make(model.parameters(), DEFAULT_GRID[0]))  # ×10 for ASAM: find_rho's default grid
+        grid = [rho * scale for rho in DEFAULT_GRID]
+        with warnings.catch_warnings():  # its notes are in the table printed below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            search = find_rho(model, make, loss_fn, batches, val_batches=val_batches, grid=search_grid(budget, grid),
+                              budget_steps=budget, seed=seed)
         picks[name] = search.rho
         searches[name] = search
         reports[name] = {
@@ -431,8 +440,12 @@ def find_radii(
             "budget_steps": search.budget_steps, "run_steps": run_steps, "steps_fraction": search.steps / run_steps,
             "seconds": search.seconds, "notes": search.notes,
         }
+        thinned = len(search.rows) < len(grid)
         print_fn(f"--rho auto, {name}: find_rho within {budget} steps ({100 * config.rho_budget:g}% of a run's "
-                 f"{run_steps}); {field_name} -> {search.rho:g}")
+                 f"{run_steps}); {field_name} -> {search.rho:g}"
+                 + (f" (the budget holds {len(search.rows)} of the grid's {len(grid)} radii, "
+                    f"{search.steps_per_candidate} steps each: a rough pick; longer runs give the search more)"
+                    if thinned else ""))
         print_fn(search.table())
     return picks, reports, searches
 

@@ -7,10 +7,11 @@ never leaves its initial plateau. A sweep of full runs finds the best ρ at many
 the training itself; this module finds the cliff within a small budget instead.
 
 **In the spirit of the learning-rate range test** (Smith, "Cyclical Learning Rates for Training
-Neural Networks", WACV 2017, arXiv:1506.01186, Section 3.3): there, the learning rate grows during
-a short run and the largest usable rate is read off where the loss stops falling; the rate
-proposed sits a stated factor below that point. The same holds for ρ, with two differences the
-rule below answers:
+Neural Networks", WACV 2017, arXiv:1506.01186, Section 3.3): there, one short run lets the learning
+rate grow and the bounds are read off the curve, the largest usable rate where accuracy stops
+rising, becomes ragged or falls, and the rate used stays a stated factor below it (Smith's
+smaller bound: a third or a quarter of it). Here the same reading is done for ρ: find where
+training starts to fail, and stay a stated factor below. Two differences:
 
 - *Short runs favour small ρ*: SAM pays off late (on noisy labels its gain comes from not
   memorising them, over tens of epochs), while in a few dozen steps a larger ρ only slows the
@@ -28,19 +29,25 @@ rule below answers:
 ``n`` steps, ``L(ρ)`` is the held-out loss again and ``d(ρ) = L₀ − L(ρ)`` its decrease. The
 smallest radius of the grid is the reference. A candidate *trains* when
 
-    d(ρ) ≥ keep · d(ρ_min)        (keep = :data:`KEEP` = 1/2: at least half the reference's progress)
+    d(ρ) ≥ keep · d(ρ_min)        (keep = :data:`KEEP` = 0.2)
 
-and *fails* otherwise (a non-finite loss fails). Above the cliff training fails, below it the
-decrease falls smoothly with ρ; assuming that order (the range test's premise), the search
-bisects the sorted grid: the reference, then the largest radius (if it trains there is no cliff
-in the grid and it is the pick, with a note to extend the grid), then midpoints until the largest
-radius that trains, ``ρ_ok``, and the smallest that fails, ``ρ_cliff``, are neighbours of the grid.
-The pick is the largest radius of the grid at or below ``ρ_cliff / backoff`` (``backoff`` =
-:data:`BACKOFF` = 2, never above ``ρ_ok``): twice the best radius is where the demo collapses, so a
-radius half the one that already fails in a short run keeps that margin; and as the short runs
-fail *earlier* than full runs (a radius that stalls for the first hundred steps may still escape
-the plateau over a whole run), the factor errs on the side of training. ``1 + ⌈log₂(len(grid) − 1)⌉
-+ 1`` runs at most instead of ``len(grid)``: the budget buys longer, more telling runs.
+and *fails* otherwise (a non-finite loss fails). Below the cliff ``d(ρ)/d(ρ_min)`` falls smoothly
+with ρ (a larger ball slows the first steps); at the cliff it drops to about zero. ``keep`` sits
+between the two: on the demo, at 53 steps a candidate, radii that train over a whole run keep
+0.3–1 of the reference's decrease (the MLP) and those that collapse keep 0.00–0.05; a threshold of
+1/2 would call the slow-but-sound radii failures, one of 0.05 would let noise decide. Assuming
+that order (the range test's premise), the search bisects the sorted grid: the reference, then
+the largest radius (if it trains there is no cliff in the grid and it is the pick, with a note to
+extend the grid), then midpoints until the largest radius that trains, ``ρ_ok``, and the smallest
+that fails, ``ρ_cliff``, are neighbours of the grid. The pick is the largest radius of the grid at
+or below ``ρ_cliff / backoff`` (``backoff`` = :data:`BACKOFF` = √2, and never above ``ρ_ok``): on
+the default grid, whose radii are 1.47 apart, the radius just below the cliff; on a finer grid,
+at least a factor √2 below it. The factor can be that small because short runs fail *earlier*
+than full ones (a radius that stalls for the first hundred steps may still leave the plateau in a
+run of thousands: the demo's CNN does at ρ = 0.3 on noisy labels), so the short-run cliff is
+already at or below the real one; on the demo's four settings it is 0.35–0.85 of the full runs'
+cliff (README). ``2 + ⌈log₂(len(grid) − 1)⌉`` runs at most instead of ``len(grid)``: the budget
+buys longer, more telling runs.
 
 **The budget** counts optimizer steps (a SAM step, two gradients, is one step, as in the training
 it precedes): ``budget_steps // max_runs`` steps per candidate, so the search never takes more
@@ -68,21 +75,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BACKOFF", "DEFAULT_GRID", "KEEP", "MIN_STEPS", "RhoSearch", "find_rho", "max_runs"]
+__all__ = ["BACKOFF", "DEFAULT_GRID", "KEEP", "MIN_STEPS", "RhoSearch", "find_rho", "max_runs", "radius_scale"]
 
 #: SAM's default grid: 13 radii from 0.01 to 1, 10^(1/6) apart.
 DEFAULT_GRID: tuple[float, ...] = tuple(float(f"{10 ** (k / 6 - 2):.4g}") for k in range(13))
 #: A candidate trains when its held-out loss fell by at least this fraction of the reference's fall.
-KEEP = 0.5
-#: The pick: the first radius that fails, divided by this factor (then the grid's radius below).
-BACKOFF = 2.0
+KEEP = 0.2
+#: The pick: the first radius that fails, divided by this factor (then the grid's radius at or below).
+BACKOFF = math.sqrt(2)
 #: Fewest steps a candidate may take; a smaller budget per candidate is refused.
 MIN_STEPS = 8
 #: Without ``val_batches``: the fraction of the batches held out (at least 1, at most MAX_HELD_OUT).
 HELD_OUT_FRACTION = 0.2
 MAX_HELD_OUT = 16
 #: Without ``budget_steps``: each candidate runs one pass over the training batches, within these bounds.
-DEFAULT_STEPS_RANGE = (32, 256)
+DEFAULT_STEPS_RANGE = (50, 250)
 #: Methods whose radius is on a scale ten times SAM's (by class name), besides ASAM.
 _LARGE_SCALE_METHODS = ("MomentumSAM",)
 
@@ -128,11 +135,16 @@ class RhoSearch:
         widths = [max(len(c) for c in column) for column in zip(headers, *lines)]
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         out = [fmt(headers), fmt(["-" * w for w in widths]), *(fmt(cells) for cells in lines)]
-        cliff = "none in the grid" if self.cliff is None else f"{self.cliff:.4g}"
+        if self.cliff is None and len(self.rows) > 1 and self.rho == self.rows[0]["rho"]:
+            pick = "the smallest radius did not train (note): pick * = it"
+        elif self.cliff is None:
+            pick = "no cliff: pick * = the largest radius run"
+        else:
+            pick = (f"cliff (first failing radius): {self.cliff:.4g}; pick * = the grid's radius at or below "
+                    f"cliff/{self.backoff:.3g}")
         out.append(
             f"initial held-out loss {self.initial_loss:.4f}; a radius trains when its decrease is >= {self.keep:g} × "
-            f"the smallest radius's; cliff (first failing radius): {cliff}; pick * = the grid's radius at or below "
-            f"cliff/{self.backoff:g} -> rho {self.rho:.4g}; {self.steps} of {self.budget_steps} budgeted steps "
+            f"the smallest radius's; {pick} -> rho {self.rho:.4g}; {self.steps} of {self.budget_steps} budgeted steps "
             f"({self.steps_per_candidate} per candidate), {self.seconds:.1f} s"
         )
         out += [f"note: {note}" for note in self.notes]
@@ -178,7 +190,7 @@ def find_rho(
         budget_steps: optimizer steps for the whole search; each candidate runs
             ``budget_steps // max_runs`` of them (``max_runs = 2 + ⌈log₂(len(grid) − 1)⌉``, 1 for one
             radius), at least :data:`MIN_STEPS`. Default: one pass over the training batches per
-            candidate, within 32–256 steps, times ``max_runs``.
+            candidate, within 50–250 steps, times ``max_runs``.
         seed: torch's random state at the start of every candidate (dropout, ESAM's draws), the
             caller's own random state put back afterwards.
 
@@ -190,6 +202,25 @@ def find_rho(
         ValueError: an empty grid, a radius that is not a finite number > 0, a radius listed twice,
             a budget below ``MIN_STEPS`` per candidate, fewer than two batches without
             ``val_batches``, or no batches.
+
+    Example:
+        >>> import torch, sharpness
+        >>> from sharpness.rho_finder import find_rho  # also sharpness.find_rho
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+        >>> x = torch.randn(640, 8)
+        >>> y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+        >>> batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 640, 32)]
+        >>> def loss_fn(model, batch):
+        ...     return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+        >>> def make(params, rho):
+        ...     return sharpness.SAM(params, torch.optim.SGD, rho=rho, lr=0.05, momentum=0.9)
+        >>> search = find_rho(model, make, loss_fn, batches, grid=[0.01, 0.03, 0.1, 0.3, 1, 3, 10], budget_steps=150)
+        >>> search.rho in [0.01, 0.03, 0.1, 0.3, 1, 3, 10], search.steps <= 150
+        (True, True)
+        >>> print(search.table())  # doctest: +SKIP
+        rho      status     held-out loss  decrease  ratio  train loss  steps  seconds
+        ...
     """
     started = time.perf_counter()
     radii = _checked_grid(grid) if grid is not None else None
@@ -379,12 +410,17 @@ def _checked_grid(grid: Sequence[float]) -> list[float]:
 
 def _default_grid(model: nn.Module, make_optimizer: Callable[[Any, float], torch.optim.Optimizer],
                   snapshot: _Snapshot) -> list[float]:
-    """:data:`DEFAULT_GRID`, ×10 where a probe optimizer is ASAM or Momentum-SAM (no step taken)."""
+    """:data:`DEFAULT_GRID` times :func:`radius_scale` of a probe optimizer (no step taken)."""
     probe = make_optimizer(model.parameters(), DEFAULT_GRID[0])
     snapshot.restore()  # in case building it touched the weights (it should not)
-    adaptive = any(group.get("sam_adaptive", False) for group in probe.param_groups)
-    large = adaptive or any(type(probe).__name__ == name for name in _LARGE_SCALE_METHODS)
-    return [rho * 10 for rho in DEFAULT_GRID] if large else list(DEFAULT_GRID)
+    return [rho * radius_scale(probe) for rho in DEFAULT_GRID]
+
+
+def radius_scale(optimizer: torch.optim.Optimizer) -> float:
+    """10 for an optimizer whose radius is on a scale about ten times SAM's (ASAM: a group with
+    ``sam_adaptive``; Momentum-SAM), else 1: the factor of the default grid."""
+    adaptive = any(group.get("sam_adaptive", False) for group in optimizer.param_groups)
+    return 10.0 if adaptive or type(optimizer).__name__ in _LARGE_SCALE_METHODS else 1.0
 
 
 def _check_budget(budget_steps: int | None, n: int) -> None:
