@@ -19,7 +19,6 @@ the batch order only. Label noise replaces a fraction of the *training* labels b
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -64,7 +63,7 @@ class Pair:
     msam_rho: dict[str, float]
     weight_decay: dict[str, float] = field(default_factory=lambda: {"sgd": 5e-4, "adamw": 0.05})
     has_batchnorm: bool = False
-    quick_train: int = 256
+    quick_train: int = 128
 
 
 # -- digits (bundled with scikit-learn) -----------------------------------------------------------
@@ -211,30 +210,38 @@ def _with_noise(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor
 IMAGE_TRAIN, IMAGE_TEST = 1000, 1000
 SEQ_TRAIN, SEQ_TEST = 1000, 1000
 
+# Learning rates: picked by one short run per candidate on seed 99 (not a benchmark seed), clean labels,
+# the base optimizer alone, cosine schedule, test accuracy at the end (probe of 0.01–0.1 for SGD,
+# 3e-4–5e-2 for AdamW): the best, the demo's 0.02 kept on the MLP where 0.01 and 0.02 tie (98.0%).
+# MLP: SGD 0.02 98.0% (0.05: 97.2%), AdamW 1e-3 98.1%; CNN: SGD 0.05 99.1% (0.01: 96.9%), AdamW 3e-3
+# 99.1% (1e-3: 98.3%); ResNet: SGD 0.05 78.5% (0.02: 68.4%, 0.1: 71.6%), AdamW 1e-2 82.5% (3e-3: 69.3%,
+# 2e-2: 80.3%); Transformer: SGD 0.05 76.8% (0.02: 71.6%, 0.1: 76.6%), AdamW 1e-2 76.8% (3e-3: 75.5%).
+# Epochs: one base run takes 1.5–2.5 s on one thread (see bench_efficient's budget); the MLP's 30
+# epochs are where it starts to memorise the noisy labels (test accuracy falls from 92% to 77–80%).
 PAIRS: dict[str, Pair] = {
     "digits_mlp": Pair(
         "digits_mlp", "digits (sklearn, 1257 train), MLP 64→256→256→10",
         build=lambda: build_model(64, NUM_CLASSES, kind="mlp"), load=_digits,
-        epochs=20, batch_size=32, lr={"sgd": 0.02, "adamw": 1e-3}, rho={"sgd": 0.1, "adamw": 0.1},
-        msam_rho={"sgd": 0.3, "adamw": 0.3},
+        epochs=30, batch_size=32, lr={"sgd": 0.02, "adamw": 1e-3}, rho={"sgd": 0.1, "adamw": 0.1},
+        msam_rho={"sgd": 0.3, "adamw": 1.0},
     ),
     "digits_cnn": Pair(
         "digits_cnn", "digits (sklearn, 1257 train), CNN conv16→conv32→pool→256→10",
         build=lambda: build_model(64, NUM_CLASSES, kind="cnn"), load=_digits,
-        epochs=10, batch_size=32, lr={"sgd": 0.02, "adamw": 1e-3}, rho={"sgd": 0.1, "adamw": 0.1},
-        msam_rho={"sgd": 0.3, "adamw": 0.3},
+        epochs=8, batch_size=32, lr={"sgd": 0.05, "adamw": 3e-3}, rho={"sgd": 0.1, "adamw": 0.1},
+        msam_rho={"sgd": 0.3, "adamw": 1.0},
     ),
     "resnet_images": Pair(
         "resnet_images", f"synthetic 3×16×16 images ({IMAGE_TRAIN} train), ResNet 3 blocks with BatchNorm",
         build=build_resnet, load=_images, has_batchnorm=True,
-        epochs=6, batch_size=32, lr={"sgd": 0.05, "adamw": 3e-3}, rho={"sgd": 0.05, "adamw": 0.05},
-        msam_rho={"sgd": 0.3, "adamw": 0.3},
+        epochs=6, batch_size=32, lr={"sgd": 0.05, "adamw": 1e-2}, rho={"sgd": 0.05, "adamw": 0.05},
+        msam_rho={"sgd": 0.3, "adamw": 1.0},
     ),
     "transformer_seq": Pair(
         "transformer_seq", f"synthetic token sequences ({SEQ_TRAIN} train, mode of 16 tokens), Transformer 2×d32",
         build=SequenceClassifier, load=_sequences,
-        epochs=10, batch_size=32, lr={"sgd": 0.05, "adamw": 3e-3}, rho={"sgd": 0.05, "adamw": 0.05},
-        msam_rho={"sgd": 0.3, "adamw": 0.3},
+        epochs=6, batch_size=32, lr={"sgd": 0.05, "adamw": 1e-2}, rho={"sgd": 0.05, "adamw": 0.05},
+        msam_rho={"sgd": 0.3, "adamw": 1.0},
     ),
 }
 
@@ -243,11 +250,8 @@ def pair_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def describe(pair: Pair) -> str:
-    return f"{pair.description} ({pair_parameters(pair.build()):,} weights, {pair.epochs} epochs, batch {pair.batch_size})"
+def describe(pair: Pair, epochs: int | None = None, train_size: int | None = None) -> str:
+    """One line: the data, the model, its size, and the training (``epochs``, ``train_size``: the run's, if not the pair's)."""
+    text = pair.description if train_size is None else f"{pair.description}, {train_size} used"
+    return f"{text}, {pair_parameters(pair.build()):,} weights, {epochs or pair.epochs} epochs of batch {pair.batch_size}"
 
-
-def _check_side(side: int) -> None:  # pragma: no cover - kept for readers of synthetic_images
-    if side % 4:
-        raise ValueError(f"side must be a multiple of 4, got {side}")
-    _ = math.isqrt(side)
