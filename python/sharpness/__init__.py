@@ -39,7 +39,9 @@ from sharpness.methods import every_method
 # of sharpness.methods (torch-free, found by name) has its torch class in sharpness.optim.
 _METHODS = ["SAM", *every_method()]
 _TORCH_FRONT = {
-    **dict.fromkeys(["disable_running_stats", "enable_running_stats", "frozen_running_stats"], "sharpness.batchnorm"),
+    **dict.fromkeys(
+        ["disable_running_stats", "enable_running_stats", "frozen_running_stats", "update_stats_once"], "sharpness.batchnorm"
+    ),
     "param_groups": "sharpness.groups",
     "mup2_param_groups": "sharpness.mup2",
     "SAF": "sharpness.regularizers",
@@ -75,7 +77,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see: the names as plain imports
     from sharpness import measure as measure
-    from sharpness.batchnorm import disable_running_stats, enable_running_stats, frozen_running_stats
+    from sharpness.batchnorm import disable_running_stats, enable_running_stats, frozen_running_stats, update_stats_once
     from sharpness.groups import param_groups
     from sharpness.mup2 import mup2_param_groups
     from sharpness.optim import SAM as SAM
@@ -90,6 +92,7 @@ __all__ = [
     "disable_running_stats",
     "enable_running_stats",
     "frozen_running_stats",
+    "update_stats_once",
     "param_groups",
     "mup2_param_groups",
     "find_rho",
