@@ -116,8 +116,9 @@ STALL_LOSS = 0.9 * math.log(_zoo.NUM_CLASSES)
 
 
 def looksam_pick(params: Any, base: type[torch.optim.Optimizer], rho: float, **base_kwargs: Any) -> torch.optim.Optimizer:
-    """The library's efficient pick: for now LookSAM at the paper's defaults."""
-    return sharpness.LookSAM(params, base, k=5, alpha=0.7, rho=rho, **base_kwargs)
+    """The library's efficient pick: LookSAM's relative form (the reused component at the size it
+    had at the last SAM step; docs/research/looksam_stall.md), k = 5, α = 0.5, at SAM's radius."""
+    return sharpness.LookSAM(params, base, k=5, alpha=0.5, variant="relative", rho=rho, **base_kwargs)
 
 
 # -- settings ----------------------------------------------------------------------------------------
@@ -829,6 +830,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--out", help="folder for runs.csv/json, radii.json, finder.json, tables.md")
     parser.add_argument("--sweep", action="store_true", help="run the radius sweep and the finder first")
     parser.add_argument("--sweep-only", action="store_true", help="the sweep and the finder only")
+    parser.add_argument("--finder-only", action="store_true",
+                        help="the finder again against the sweep already in OUT (its runs reused; radii.json kept)")
     parser.add_argument("--radii", help="radii.json of an earlier sweep (default: OUT/radii.json when present)")
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1 seed, 1 epoch, 2 pairs, 128 examples")
     parser.add_argument("--pairs", help=f"comma-separated, from {','.join(_zoo.PAIRS)}")
@@ -903,6 +906,29 @@ def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = pr
 
     radii: dict[str, Any] = {}
     radii_path = args.radii or (os.path.join(args.out, "radii.json") if args.out else None)
+    if args.finder_only:
+        if not args.out or not os.path.exists(os.path.join(args.out, "sweep_runs.json")):
+            raise SystemExit("--finder-only needs --out with the sweep_runs.json of an earlier --sweep")
+        with open(os.path.join(args.out, "sweep_runs.json"), encoding="utf-8") as f:
+            runs = json.load(f)
+        finds = execute(finder_tasks(settings, args.quick), args.jobs, "finder", say)
+        runs += execute(finder_eval_tasks(finds, runs, settings, args.quick), args.jobs, "finder runs", say)
+        sweep_rows = summarize_sweep(runs)
+        with open(os.path.join(args.out, "radii.json"), encoding="utf-8") as f:
+            radii = json.load(f)
+        finder_rows = summarize_finder(finds, runs, sweep_rows)
+        sections.append("### Radius sweep\n\n" + sweep_table(sweep_rows, radii))
+        sections.append(
+            "### Radius finder (`sharpness.find_rho`) against the sweep\n\nThe finder runs once on the first sweep "
+            f"seed (budget: {100 * settings.finder_fraction:g}% of one run's steps, at least 8 steps per candidate); "
+            "accuracies are means over the sweep seeds; time and steps relative to one training run of the same "
+            "method.\n\n" + finder_table(finder_rows))
+        write_json(os.path.join(args.out, "finder.json"), {"rows": finder_rows, "searches": finds})
+        write_json(os.path.join(args.out, "sweep_runs.json"), runs)
+        with open(os.path.join(args.out, "sweep.md"), "w", encoding="utf-8") as f:
+            f.write("\n\n".join(sections[1:]) + "\n")
+        say(f"wrote {args.out}/sweep.md, finder.json ({time.perf_counter() - started:.0f} s)")
+        return results
     if args.sweep or args.sweep_only:
         tasks = sweep_tasks(settings, args.quick)
         finder_ok = settings.finder and finder_function() is not None

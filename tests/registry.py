@@ -203,6 +203,7 @@ ENTRIES: tuple[MethodInfo, ...] = (
     MethodInfo("asam", "SAM", dict(rho=0.5, adaptive=True)),
     MethodInfo("sam-subtract", "SAM", dict(rho=0.1), torch_hparams=dict(memory="subtract")),
     MethodInfo("looksam", "LookSAM", dict(k=2, alpha=0.7, rho=0.1)),
+    MethodInfo("looksam-relative", "LookSAM", dict(k=2, alpha=0.5, rho=0.1, variant="relative")),
     MethodInfo("everyk", "EveryKSAM", dict(k=2, rho=0.1)),
     # λ₁ = λ₂ = 1: c_t = 1 throughout, a mix of both kinds of step on the tests' batches
     MethodInfo("aesam", "AESAM", dict(total_steps=8, lam1=1.0, lam2=1.0, rho=0.1)),

@@ -475,7 +475,7 @@ def test_inf_in_a_one_pass_step_skips_it(name, backend):
 
 # The step whose second gradient overflows, by label (step 1 where not named): a step with a second
 # pass; after a first step where the method keeps something from one step to the next.
-SECOND_INF_STEP = {"sam": 0, "gsam": 0, "wsam": 0, "monge": 0, "looksam": 2, "everyk": 2, "aesam": 0}
+SECOND_INF_STEP = {"sam": 0, "gsam": 0, "wsam": 0, "monge": 0, "looksam": 2, "looksam-relative": 2, "everyk": 2, "aesam": 0}
 SECOND_INF = [
     (name, SECOND_INF_STEP.get(name, 1))
     for name in registry.labels(lambda e: e.two_call and e.restores_exactly and e.second_pass)

@@ -20,7 +20,7 @@ from torch import nn
 
 import sharpness
 from sharpness import SAM
-from sharpness.rho_finder import BACKOFF, DEFAULT_GRID, KEEP, MIN_STEPS, RhoSearch, find_rho, max_runs
+from sharpness.rho_finder import BACKOFF, DEFAULT_GRID, KEEP, MIN_DECREASE, MIN_STEPS, RhoSearch, find_rho, max_runs
 
 
 @pytest.fixture(autouse=True)
@@ -91,8 +91,8 @@ def test_bisection_and_pick_follow_the_stated_rule():
     assert [row["status"] for row in result.rows] == [
         "reference", "not run", "trains", "trains", "fails", "not run", "not run", "not run", "fails"]
     assert result.cliff == 0.5
-    assert (KEEP, BACKOFF) == (0.2, math.sqrt(2))
-    assert result.rho == 0.3  # the largest radius at or below 0.5 / √2 = 0.354
+    assert (KEEP, BACKOFF) == (0.2, 3.0)
+    assert result.rho == 0.1  # the largest radius at or below 0.5 / 3 = 0.167
     for row in result.rows:
         if row["status"] in ("trains", "fails"):
             assert row["ratio"] == pytest.approx(row["decrease"] / result.rows[0]["decrease"])
@@ -279,16 +279,31 @@ def test_the_table_lists_every_candidate(tmp_path):
     for rho, row in zip(grid, result.rows):
         line = next(line for line in lines if line.startswith(f"{rho:g} ") or line.startswith(f"{rho:g}  "))
         assert row["status"] in line
-    assert "0.3 *" in table and "cliff (first failing radius): 0.5" in table
+    assert "0.1 *" in table and "cliff (first failing radius): 0.5" in table
     path = tmp_path / "search.png"
     result.plot(path)
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_reference_that_barely_trains_stops_the_search_at_the_safe_end():
+    """Too few steps (or too small a learning rate) for the smallest radius to lower the held-out
+    loss by MIN_DECREASE of its initial value: no radius can be told apart, the pick is the smallest."""
+    grid = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+    def crawling(params, rho):
+        return torch.optim.SGD(params, lr=1e-5)  # every radius "trains" as little as the reference
+
+    with pytest.warns(RuntimeWarning, match="too little to tell radii apart"):
+        result = find_rho(Well(), crawling, well_loss, well_batches(), grid=grid, budget_steps=10 * max_runs(len(grid)))
+    assert result.rho == 0.1 and result.cliff is None
+    assert 0 < result.rows[0]["decrease"] < MIN_DECREASE * result.initial_loss
+    assert [row["status"] for row in result.rows[1:]] == ["not run"] * 8
+
+
 def test_no_cliff_in_the_grid_is_said():
     with pytest.warns(RuntimeWarning, match="extend it upwards"):
         result = find_rho(Well(), sam_sgd(), well_loss, well_batches(), grid=[0.001, 0.01], budget_steps=40)
-    assert result.rho == 0.01 and result.cliff is None and "extend it upwards" in result.table()
+    assert result.rho == 0.001 and result.cliff is None and "extend it upwards" in result.table()  # ≤ 0.01 / 3
 
 
 def test_default_grid_follows_the_methods_scale():
@@ -303,9 +318,9 @@ def test_default_grid_follows_the_methods_scale():
     def momentum_sam(params, rho):
         return sharpness.MomentumSAM(params, torch.optim.SGD, rho=rho, lr=0.5, momentum=0.9)
 
-    for make in (asam, momentum_sam):  # radii on a scale ten times SAM's
+    for make, scale in ((asam, 10), (momentum_sam, 3)):  # radii on scales of their own
         result = quiet(find_rho, Well(), make, well_loss, well_batches(), budget_steps=6 * MIN_STEPS)
-        assert [row["rho"] for row in result.rows] == pytest.approx([10 * rho for rho in DEFAULT_GRID])
+        assert [row["rho"] for row in result.rows] == pytest.approx([scale * rho for rho in DEFAULT_GRID])
         assert result.rows[0]["decrease"] > 0  # and it trained
 
 

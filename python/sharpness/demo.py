@@ -390,7 +390,7 @@ def find_radii(
     as a practitioner has them; the rest in batches of ``batch_size``, shuffled with the first
     seed), with the optimizer the run will use (its learning rate, ``total_steps``)
     and at most ``rho_budget`` × one run's steps (``epochs × batches per epoch``). find_rho's default
-    grid (0.01–1, ×10 for ASAM and Momentum-SAM), thinned by :func:`search_grid` when the budget is small. Prints each
+    grid (0.01–1, ×10 for ASAM, ×3 for Momentum-SAM), thinned by :func:`search_grid` when the budget is small. Prints each
     table; returns ``(picks, reports, searches)``: the radius per optimizer, the JSON-ready report
     per optimizer (the rows, steps, seconds and the fraction of the run's steps) and the
     :class:`~sharpness.rho_finder.RhoSearch` objects (for the plot)."""
@@ -427,7 +427,7 @@ def find_radii(
             changes: dict[str, Any] = {field_name: rho}
             return make_optimizer(name, params, replace(trial, **changes), run_steps, n)
 
-        scale = radius_scale(make(model.parameters(), DEFAULT_GRID[0]))  # ×10 for ASAM: find_rho's default grid
+        scale = radius_scale(make(model.parameters(), DEFAULT_GRID[0]))  # ×10 for ASAM (×3 Momentum-SAM): find_rho's default grid
         grid = [rho * scale for rho in DEFAULT_GRID]
         with warnings.catch_warnings():  # its notes are in the table printed below
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -35,19 +35,24 @@ and *fails* otherwise (a non-finite loss fails). Below the cliff ``d(ρ)/d(ρ_mi
 with ρ (a larger ball slows the first steps); at the cliff it drops to about zero. ``keep`` sits
 between the two: on the demo, at 53 steps a candidate, radii that train over a whole run keep
 0.3–1 of the reference's decrease (the MLP) and those that collapse keep 0.00–0.05; a threshold of
-1/2 would call the slow-but-sound radii failures, one of 0.05 would let noise decide. Assuming
-that order (the range test's premise), the search bisects the sorted grid: the reference, then
-the largest radius (if it trains there is no cliff in the grid and it is the pick, with a note to
-extend the grid), then midpoints until the largest radius that trains, ``ρ_ok``, and the smallest
-that fails, ``ρ_cliff``, are neighbours of the grid. The pick is the largest radius of the grid at
-or below ``ρ_cliff / backoff`` (``backoff`` = :data:`BACKOFF` = √2, and never above ``ρ_ok``): on
-the default grid, whose radii are 1.47 apart, the radius just below the cliff; on a finer grid,
-at least a factor √2 below it. The factor can be that small because short runs fail *earlier*
-than full ones (a radius that stalls for the first hundred steps may still leave the plateau in a
-run of thousands: the demo's CNN does at ρ = 0.3 on noisy labels), so the short-run cliff is
-already at or below the real one; on the demo's four settings it is 0.35–0.85 of the full runs'
-cliff (README). ``2 + ⌈log₂(len(grid) − 1)⌉`` runs at most instead of ``len(grid)``: the budget
-buys longer, more telling runs.
+1/2 would call the slow-but-sound radii failures, one of 0.05 would let noise decide. The
+reference itself must have trained: a fall below :data:`MIN_DECREASE` (5%) of ``L₀`` is too small
+to tell radii apart (too few steps), and the search stops there with the smallest radius, the safe
+end (a radius that barely perturbs is the base optimizer). Assuming that order (the range test's
+premise), the search bisects the sorted grid: the reference, then the largest radius, then
+midpoints until the largest radius that trains, ``ρ_ok``, and the smallest that fails,
+``ρ_cliff``, are neighbours of the grid. The pick is the largest radius of the grid at or below
+``ρ_cliff / backoff`` (``backoff`` = :data:`BACKOFF` = 3, Smith's smaller bound, and never above
+``ρ_ok``); when even the largest radius trains (no cliff in the grid) the pick is the grid's
+radius at or below the largest / 3, with a note to extend the grid. The factor is that large
+because short runs can also fail *later* than full ones: a radius that still lowers the loss in
+the first dozens of steps may collapse over a whole run (``benches/bench_efficient.py``: on the
+digits CNN with noisy labels, 10 steps a candidate put the short-run cliff at 0.68 where full
+runs collapse from 0.46), while a radius that stalls for the first hundred steps may still leave
+the plateau later (the demo's CNN at ρ = 0.3). A third of the short-run cliff stayed below every
+full-run cliff measured; it costs accuracy where the best radius sits right at the cliff (the
+demo's MLP on noisy labels). ``2 + ⌈log₂(len(grid) − 1)⌉`` runs at most instead of
+``len(grid)``: the budget buys longer, more telling runs.
 
 **The budget** counts optimizer steps (a SAM step, two gradients, is one step, as in the training
 it precedes): ``budget_steps // max_runs`` steps per candidate, so the search never takes more
@@ -56,10 +61,12 @@ than ``budget_steps``. Size it as a fraction of the training run (the demo's ``-
 
 **Radii of other scales.** The default grid is for SAM's ball (``‖e‖ = ρ``): 13 radii from 0.01
 to 1 (a factor of 10^(1/6) ≈ 1.47 apart). ASAM (``adaptive=True``, its ball in units of ``|w|``)
-and Momentum-SAM (Becker et al. 2024: ρ of 0.3–3) are on a scale about ten times larger: for them
-the default grid is multiplied by 10 (0.1 to 10), found from a probe optimizer built with
-``make_optimizer`` (its ``sam_adaptive`` groups, its class); any other method whose radius is on
-its own scale needs ``grid=``.
+is on a scale about ten times larger: its default grid is multiplied by 10 (0.1 to 10).
+Momentum-SAM's (Becker et al. 2024: ρ of 0.3–3 in the paper's code) by 3 (0.03 to 3): its best
+radii in ``benches/bench_efficient.py`` were 0.1–2.2, and its short runs meet the cliff late (a
+grid up to 10 let the pick land above the full runs' cliff). The scale is found from a probe
+optimizer built with ``make_optimizer`` (its ``sam_adaptive`` groups, its class); any other
+method whose radius is on its own scale needs ``grid=``.
 """
 
 from __future__ import annotations
@@ -75,14 +82,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BACKOFF", "DEFAULT_GRID", "KEEP", "MIN_STEPS", "RhoSearch", "find_rho", "max_runs", "radius_scale"]
+__all__ = ["BACKOFF", "DEFAULT_GRID", "KEEP", "MIN_DECREASE", "MIN_STEPS", "RhoSearch", "find_rho", "max_runs", "radius_scale"]
 
 #: SAM's default grid: 13 radii from 0.01 to 1, 10^(1/6) apart.
 DEFAULT_GRID: tuple[float, ...] = tuple(float(f"{10 ** (k / 6 - 2):.4g}") for k in range(13))
 #: A candidate trains when its held-out loss fell by at least this fraction of the reference's fall.
 KEEP = 0.2
-#: The pick: the first radius that fails, divided by this factor (then the grid's radius at or below).
-BACKOFF = math.sqrt(2)
+#: The pick: the first radius that fails, divided by this factor (then the grid's radius at or below):
+#: Smith's smaller bound, a third of the largest usable value.
+BACKOFF = 3.0
+#: The reference radius must lower the held-out loss by at least this fraction of its initial value
+#: for the search to tell radii apart; below it the search is inconclusive and picks the smallest.
+MIN_DECREASE = 0.05
 #: Fewest steps a candidate may take; a smaller budget per candidate is refused.
 MIN_STEPS = 8
 #: Without ``val_batches``: the fraction of the batches held out (at least 1, at most MAX_HELD_OUT).
@@ -90,8 +101,9 @@ HELD_OUT_FRACTION = 0.2
 MAX_HELD_OUT = 16
 #: Without ``budget_steps``: each candidate runs one pass over the training batches, within these bounds.
 DEFAULT_STEPS_RANGE = (50, 250)
-#: Methods whose radius is on a scale ten times SAM's (by class name), besides ASAM.
-_LARGE_SCALE_METHODS = ("MomentumSAM",)
+#: Methods whose radius is on a scale of its own (by class name): the factor of the default grid
+#: (ASAM's, 10, comes from its groups).
+_METHOD_SCALES = {"MomentumSAM": 3.0}
 
 
 @dataclass
@@ -136,9 +148,9 @@ class RhoSearch:
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         out = [fmt(headers), fmt(["-" * w for w in widths]), *(fmt(cells) for cells in lines)]
         if self.cliff is None and len(self.rows) > 1 and self.rho == self.rows[0]["rho"]:
-            pick = "the smallest radius did not train (note): pick * = it"
+            pick = "the smallest radius did not train enough to tell radii apart (note): pick * = it"
         elif self.cliff is None:
-            pick = "no cliff: pick * = the largest radius run"
+            pick = f"no cliff: pick * = the grid's radius at or below the largest/{self.backoff:.3g}"
         else:
             pick = (f"cliff (first failing radius): {self.cliff:.4g}; pick * = the grid's radius at or below "
                     f"cliff/{self.backoff:.3g}")
@@ -186,7 +198,7 @@ def find_rho(
         val_batches: held-out batches for the loss ``L(ρ)``. Without them, the first
             ``⌈20%⌉`` of ``batches`` (at least 1, at most 16) are held out and the rest train.
         grid: candidate radii (any order, distinct, > 0); default :data:`DEFAULT_GRID` (0.01–1),
-            ×10 for ASAM and Momentum-SAM (module docstring).
+            ×10 for ASAM, ×3 for Momentum-SAM (module docstring).
         budget_steps: optimizer steps for the whole search; each candidate runs
             ``budget_steps // max_runs`` of them (``max_runs = 2 + ⌈log₂(len(grid) − 1)⌉``, 1 for one
             radius), at least :data:`MIN_STEPS`. Default: one pass over the training batches per
@@ -277,19 +289,21 @@ class _Search:
         reference["status"] = "reference"
         self.reference_decrease = reference["decrease"]
         reference["ratio"] = 1.0 if self.reference_decrease > 0 else None
-        if not self.reference_decrease > 0:
+        if not self.reference_decrease >= MIN_DECREASE * abs(self.initial):
             notes.append(
-                f"the smallest radius ({radii[0]:g}) did not lower the held-out loss in {self.steps} steps, so no "
-                "radius can be told to train better: the pick is that radius; give more budget_steps, check the "
-                "learning rate, or start the grid lower"
+                f"the smallest radius ({radii[0]:g}) lowered the held-out loss by less than {MIN_DECREASE:g} of its "
+                f"initial value in {self.steps} steps, too little to tell radii apart: the pick is that radius (the "
+                "safe end); give more budget_steps, check the learning rate, or start the grid lower"
             )
             return self.result(rows, radii[0], None, notes)
         if len(rows) == 1:
             return self.result(rows, radii[0], None, notes)
         lo, hi = 0, len(rows) - 1
         if self.trains(self.candidate(rows[hi])):
+            # No cliff seen: it lies above the grid, or the runs were too short to meet it (a radius
+            # that stalls late). Stay the same factor below the largest radius as below a cliff.
             notes.append(f"every radius tried trains, up to {radii[hi]:g}: the cliff lies above the grid, extend it upwards")
-            return self.result(rows, radii[hi], None, notes)
+            return self.result(rows, self.at_or_below(radii, radii[hi] / BACKOFF), None, notes)
         while hi - lo > 1:  # rows[lo] trains, rows[hi] fails
             mid = (lo + hi) // 2
             if self.trains(self.candidate(rows[mid])):
@@ -297,12 +311,16 @@ class _Search:
             else:
                 hi = mid
         cliff = radii[hi]
-        below = [rho for rho in radii[: lo + 1] if rho <= cliff / BACKOFF * (1 + 1e-9)]
-        pick = below[-1] if below else radii[0]
-        if not below:
+        if radii[0] > cliff / BACKOFF * (1 + 1e-9):
             notes.append(f"no radius of the grid lies at or below cliff/{BACKOFF:g} = {cliff / BACKOFF:.3g}: the pick is "
                          "the smallest; start the grid lower")
-        return self.result(rows, pick, cliff, notes)
+        return self.result(rows, self.at_or_below(radii[: lo + 1], cliff / BACKOFF), cliff, notes)
+
+    @staticmethod
+    def at_or_below(radii: list[float], bound: float) -> float:
+        """The largest of ``radii`` at or below ``bound`` (the smallest when none is)."""
+        below = [rho for rho in radii if rho <= bound * (1 + 1e-9)]
+        return below[-1] if below else radii[0]
 
     def trains(self, row: dict[str, Any]) -> bool:
         ratio = row["decrease"] / self.reference_decrease if math.isfinite(row["decrease"]) else -math.inf
@@ -417,10 +435,11 @@ def _default_grid(model: nn.Module, make_optimizer: Callable[[Any, float], torch
 
 
 def radius_scale(optimizer: torch.optim.Optimizer) -> float:
-    """10 for an optimizer whose radius is on a scale about ten times SAM's (ASAM: a group with
-    ``sam_adaptive``; Momentum-SAM), else 1: the factor of the default grid."""
-    adaptive = any(group.get("sam_adaptive", False) for group in optimizer.param_groups)
-    return 10.0 if adaptive or type(optimizer).__name__ in _LARGE_SCALE_METHODS else 1.0
+    """The factor of the default grid: 10 for ASAM (a group with ``sam_adaptive``), 3 for
+    Momentum-SAM, else 1 (module docstring)."""
+    if any(group.get("sam_adaptive", False) for group in optimizer.param_groups):
+        return 10.0
+    return next((scale for cls in type(optimizer).__mro__ for name, scale in _METHOD_SCALES.items() if cls.__name__ == name), 1.0)
 
 
 def _check_budget(budget_steps: int | None, n: int) -> None:

@@ -10,7 +10,13 @@ step and keeps that part,
 the component of ``g_s`` orthogonal to ``g``; on the steps in between it takes one gradient
 ``g`` and reuses it:
 
-    g_s ≈ g + α·(‖g‖/‖g_v‖)·g_v.
+    g_s ≈ g + α·(‖g‖/‖g_v‖)·g_v                 (the paper's form, ``variant="paper"``)
+    g_s ≈ g + α·(‖g‖/‖g_k‖)·g_v                 (``variant="relative"``, g_k the SAM step's g)
+
+The paper's form pushes ``g_v`` with norm ``α‖g‖`` however small SAM found it; the relative form
+keeps the size it had next to the gradient, so that it tends to the base optimizer as ``ρ → 0``.
+Why that matters (small convolutional networks stall at chance under the paper's form) and the
+measurements: ``docs/research/looksam_stall.md``.
 
 Every-k SAM (Composer's ``interval``, optax's ``sync_period``) is the baseline: a SAM step every
 ``k`` steps, plain base-optimizer steps in between (LookSAM with ``α = 0``).
@@ -18,8 +24,8 @@ Every-k SAM (Composer's ``interval``, optax's ``sync_period``) is the baseline: 
 Both are written once here, over the engine contract (dot products, ``axpby``, the fused
 steps), and run on both fronts: :class:`sharpness.LookSAM` (torch) and
 :class:`sharpness.numpy.LookSAM`. ``g_v`` lives in the optimizer state (``state[p]["looksam_gv"]``;
-on the numpy front ``state[i]``), so it is checkpointed with everything else, and ``‖g_v‖`` in
-``state_dict()["sam"]["state"]["gv_norm"]``.
+on the numpy front ``state[i]``), so it is checkpointed with everything else, and ``‖g_v‖`` and
+``‖g_k‖`` in ``state_dict()["sam"]["state"]`` (``"gv_norm"``, ``"g_norm"``).
 """
 
 from __future__ import annotations
@@ -102,15 +108,22 @@ class LookSAM(Method):
     ``k = 1`` is SAM and ``α = 0`` every-k SAM, in both forms; ``ρ = 0`` is the base optimizer
     (``g_v = 0``).
 
-    Which form: the paper's is right where SAM's orthogonal part is already large next to
-    ``α‖g‖`` (the paper's ViTs and ResNets; the demo's over-parameterised MLP, where it beats
-    SAM). Where it is small — early in training, small ``ρ``, small convolutional networks — the
-    paper's form multiplies it, the same direction for ``k − 1`` steps in a row, which momentum
-    compounds: on the small convolutional networks of ``docs/research/looksam_stall.md`` it
-    kills the ReLUs and stalls at chance (loss ``ln 10``) where SGD, SAM and every-k SAM learn.
-    ``variant="relative"`` does not, and is the library's efficient pick
-    (``k=5, alpha=1.0, variant="relative"``); the paper's form stays the default, so that
-    ``LookSAM`` means the paper's method.
+    Which form. The paper's behaves as SAM at a radius it picks itself: over a cycle of ``k``
+    steps it pushes along ``g_v`` about ``1 + (k − 1)·α/r`` times one SAM step's ``‖g_v‖``
+    (``r = ‖g_v‖/‖g_k‖``), where SAM itself, whose ``g_v`` turns from step to step, pushes 2.4–3.9
+    times over 5 steps (measured). ``r`` is smallest early in training, at small ``ρ`` and on
+    small convolutional networks (0.05–0.37 measured there): the paper's form then pushes 2–20
+    times as hard as SAM, past SAM's radius cliff. The ReLUs die, the loss stays at ``ln 10`` and,
+    ``r`` falling to 0.003, the push grows further along what is now noise: the stall of
+    ``docs/research/looksam_stall.md``, where SGD, SAM and every-k SAM at the same ``ρ`` learn
+    (and where it stalls at ``ρ = 0.005`` too). Where a larger radius than the given one helps
+    (label noise, small ``ρ``) it can beat SAM. The relative form with ``α = 0.5`` pushes
+    ``1 + 4·0.5 = 3`` times over ``k = 5`` steps, SAM's own amount: it behaves as SAM at the
+    user's ``ρ`` for about every-k SAM's cost, and is the library's efficient pick::
+
+        LookSAM(params, base, rho=<SAM's ρ>, k=5, alpha=0.5, variant="relative")
+
+    The paper's form stays the default, so that ``LookSAM(...)`` is the paper's method.
 
     Args:
         params, base_optimizer, rho, adaptive, eta, backend, **base_kwargs: as for
@@ -134,8 +147,8 @@ class LookSAM(Method):
         ...     return loss
         >>> for _ in range(5):
         ...     loss = opt.step(closure)  # the closure runs twice on step 0, once on steps 1-4
-        >>> safe = sharpness.LookSAM(model.parameters(), torch.optim.SGD, k=5, alpha=1.0, variant="relative",
-        ...                          rho=0.05, lr=0.1, momentum=0.9)
+        >>> pick = sharpness.LookSAM(model.parameters(), torch.optim.SGD, k=5, alpha=0.5, variant="relative",
+        ...                          rho=0.05, lr=0.1, momentum=0.9)  # the library's efficient pick
     """
 
     norm_weights_supported = False  # its own norms (see SAM.norm_weights_supported)
