@@ -26,7 +26,7 @@ PY="$VENV/bin/python"
 [ -x "$PY" ] || { echo "wheel.sh: no python in $VENV" >&2; exit 2; }
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/sharpness-wheel.XXXXXX")"
-trap 'rm -rf "$WORK/tool" "$WORK/test" "$WORK/tests" "$WORK/notorch" "$WORK/examples" "$WORK/tools" "$WORK/benches"' EXIT
+trap 'rm -rf "$WORK/tool" "$WORK/test" "$WORK/tests" "$WORK/notorch" "$WORK/examples" "$WORK/docs" "$WORK/benches"' EXIT
 OUT="${WHEEL_OUT:-$WORK/dist}"
 mkdir -p "$OUT"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target/wheel}"
@@ -82,9 +82,10 @@ echo "$VSITE" > "$TSITE/zz_sharpness_ci_deps.pth"
 mkdir -p "$WORK/tests"
 cp -r "$ROOT/tests/." "$WORK/tests/"
 rm -rf "$WORK/tests/__pycache__"
-# the source-tree files some tests read beside tests/ (the examples they run, the API reference's
-# checker, the benchmark harness): copies, so that the code under test is still the installed wheel
-cp -r "$ROOT/examples" "$ROOT/tools" "$ROOT/benches" "$WORK/"
+# the source-tree files some tests read beside tests/ (the examples they run, the guide's snippet,
+# the benchmark harness): copies, so that the code under test is still the installed wheel (no
+# python/: the API reference's checks, which read the sources, skip themselves)
+cp -r "$ROOT/examples" "$ROOT/docs" "$ROOT/benches" "$WORK/"
 cd "$WORK/tests"
 "$TPY" - "$WORK/test" "$ROOT" <<'EOF'
 import os, sys

@@ -70,8 +70,30 @@ TARGET_FLOOR_RATIO = 1.3  # sharpness within 1.3x of the floor on ResNet-18 shap
 TARGET_SPEEDUP = 2.0  # sharpness >= 2x faster than per-tensor SAM on the transformer shapes
 
 
+#: The methods, as ``--help`` lists them (the module docstring has the details).
+METHODS_HELP = """\
+methods (--methods): each times SAM's first_step + second_step (SGD, momentum 0.9, fp32)
+  1      per-tensor SAM as most SAM code writes it (davda54/sam's sam.py): one norm per
+         tensor, cloned backups, SGD(foreach=False); the "vs 1" column compares to it
+  2      foreach SAM: torch._foreach_* ops, preallocated backups, SGD(foreach=True)
+  3      flat SAM: parameters and gradients are views of one buffer, one torch op per
+         stage, SGD(fused=True)
+  4      sharpness.SAM, gradients from autograd into the views kept by zero_grad()
+         (its fast path)
+  4b     sharpness.SAM with zero_grad(set_to_none=False), gradients written in place
+  5      sharpness.SAM with p.grad = None and fresh gradient tensors, as the Hugging Face
+         Trainer does (a copy back into the flat buffer each half)
+  6      the floor, always run: dst.copy_(src) over as many fp32 elements; "x floor" is a
+         method's time over the time to move, at that copy speed, the 40 bytes per
+         parameter an exact step must move
+"""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # `python -m sharpness bench` runs this script: SHARPNESS_BENCH_PROG makes the usage line say so
+    ap = argparse.ArgumentParser(prog=os.environ.get("SHARPNESS_BENCH_PROG") or None,
+                                 description=__doc__.split("\n\n")[0], epilog=METHODS_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions (CI smoke run, < 60 s)")
     ap.add_argument("--reps", type=int, default=None, help="round-robin repetitions (default 10; quick: 2)")
     ap.add_argument("--steps", type=int, default=None,
@@ -82,9 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--d-model", type=int, default=None, help="transformer width (default 256; quick: 64)")
     ap.add_argument("--blocks", type=int, default=24, help="transformer blocks (default 24)")
     ap.add_argument("--methods", default="1,2,3,4,4b,5",
-                    help="which of the methods 1-5 (and 4b) to time; the floor always runs")
+                    help="comma-separated, which methods to time (default: all; listed below); the floor always runs")
     ap.add_argument("--json", type=Path, default=None, help="write the results to this file")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the gradients (default 0)")
     args = ap.parse_args(argv)
     args.reps = args.reps or (2 if args.quick else 10)
     args.steps = args.steps or (2 if args.quick else 3)

@@ -9,6 +9,7 @@ is tiny: on a busy machine more threads mostly wait on each other) and puts the 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import subprocess
@@ -224,7 +225,99 @@ def test_python_dash_m_help():
     argv = [sys.executable, "-m", "sharpness", "demo", "--help"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "usage: sharpness demo" in done.stdout
+    assert "usage: python -m sharpness demo" in done.stdout  # the command as typed
+
+
+def test_usage_names_the_command_as_typed(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/sharpness", "demo"])  # the console script
+    assert cli.invoked_as() == "sharpness" and cli.build_parser().prog == "sharpness"
+    main = cli.__file__.replace("cli.py", "__main__.py")
+    monkeypatch.setattr(sys, "argv", [main, "demo"])  # python -m sharpness
+    assert cli.invoked_as() == "python -m sharpness"
+    monkeypatch.setattr(sys, "argv", ["/elsewhere/pytest/__main__.py"])  # another package's python -m
+    assert cli.invoked_as() == "sharpness"
+
+
+# -- what the demo needs, checked before it trains; progress in a log ----------------------------------
+
+
+def _no_training(monkeypatch):
+    """Makes any data loading or training fail the test: the checks must come first."""
+    from sharpness import sweep
+
+    def trained(*args, **kwargs):
+        raise AssertionError("the demo loaded data or trained before checking its requirements")
+
+    for module in (demo, sweep):
+        monkeypatch.setattr(module, "load_noisy_digits", trained)
+        monkeypatch.setattr(module, "train_run", trained)
+
+
+def test_missing_matplotlib_fails_before_any_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    for extra in ([], ["--rho-sweep"]):
+        assert cli.main(["demo", "--quick", "--out", str(tmp_path / "report"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "matplotlib (the report's plots)" in err and "python -m pip install matplotlib" in err, err
+        assert "--no-report" in err and "nothing was run" in err
+    assert not (tmp_path / "report").exists()
+    config = DemoConfig(progress=False)
+    assert "matplotlib" not in demo.requirements(config, report=False)  # --no-report: no plots, no matplotlib
+    demo.check_requirements(config, report=False)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if scikit-learn were missing too
+    with pytest.raises(demo.MissingRequirement, match=r"scikit-learn \(the digits data\), matplotlib .*"
+                       r"python -m pip install scikit-learn matplotlib"):
+        demo.check_requirements(config, report=True)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_on_a_terminal():
+    assert demo._progress_factory(False, _Terminal()) is demo._NoProgress
+    tqdm = pytest.importorskip("tqdm.auto").tqdm
+    assert demo._progress_factory(True, _Terminal()) is tqdm
+    assert isinstance(demo._progress_factory(True, io.StringIO())(total=3), demo._LineProgress)
+    # tqdm is needed (and checked for) only where it draws
+    assert "tqdm" in demo.requirements(DemoConfig(progress=True), report=False, stream=_Terminal())
+    assert "tqdm" not in demo.requirements(DemoConfig(progress=True), report=False, stream=io.StringIO())
+    assert "tqdm" not in demo.requirements(DemoConfig(progress=False), report=False, stream=_Terminal())
+
+
+def test_progress_in_a_log_is_plain_periodic_lines(capsys, monkeypatch, digits):
+    """The demo's runs with progress on and stderr captured (not a terminal, as in `> log 2>&1`):
+    lines, never tqdm's carriage returns."""
+    monkeypatch.setattr(demo, "load_noisy_digits", lambda *args, **kwargs: digits)
+    monkeypatch.setattr(demo, "PROGRESS_LINE_SECONDS", 0.0)  # a line at every tenth, however fast the run
+    config = DemoConfig(epochs=4, seeds=1, optimizers=("sgd", "sam"), hidden=16, measure_size=0, threads=None,
+                        progress=True)
+    demo.run_demo(config, print_fn=lambda *_: None)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    for name in ("sgd", "sam"):
+        for done in range(1, 5):
+            assert f"{name} seed 0: {done}/4 ep ({25 * done}%), " in err, err
+    assert "loss=" in err and "test_acc=" in err and "s left" in err
+
+
+def test_line_progress_prints_at_tenths_at_most_every_few_seconds():
+    now = [0.0]
+    out = io.StringIO()
+    with demo._LineProgress(total=20, desc="rho sweep", unit="run", stream=out, clock=lambda: now[0]) as bar:
+        for _ in range(20):
+            now[0] += 1.0  # one second per run: a tenth every 2 s, a line every 10 s at most
+            bar.update(1)
+    lines = out.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["rho sweep: 10/20 run (50%)", "rho sweep: 20/20 run (100%)"]
+    assert lines[0] == "rho sweep: 10/20 run (50%), 10 s, ~10 s left"
+    short = io.StringIO()
+    with demo._LineProgress(total=5, desc="fast", stream=short, clock=lambda: 0.0) as bar:
+        for _ in range(5):
+            bar.update(1)
+    assert short.getvalue() == ""  # a bar done within the interval prints nothing: its result line says it
 
 
 # -- label noise -----------------------------------------------------------------------------------
@@ -330,11 +423,14 @@ def test_config_validation():
 
 def test_bench_passes_its_arguments_through(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(subprocess, "call", lambda argv, env=None: calls.append((argv, env)) or 0)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/sharpness"])
     assert cli.main(["bench", "--quick", "--shapes", "resnet18"]) == 0
     assert cli.main(["bench", "--", "--help"]) == 0
-    assert calls[0][0] == sys.executable and calls[0][1].endswith("bench_step.py")
-    assert calls[0][2:] == ["--quick", "--shapes", "resnet18"] and calls[1][2:] == ["--help"]
+    (first, env), (second, _) = calls
+    assert first[0] == sys.executable and first[1].endswith("bench_step.py")
+    assert first[2:] == ["--quick", "--shapes", "resnet18"] and second[2:] == ["--help"]
+    assert env["SHARPNESS_BENCH_PROG"] == "sharpness bench"  # the script's usage line names the command
     # unknown arguments stay an error for the other commands
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", "--no-such-option"])
@@ -351,6 +447,21 @@ def test_bench_quick_runs_from_the_checkout():
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "sharpness.SAM" in done.stdout and "x floor" in done.stdout and "vs 1" in done.stdout
+
+
+def test_bench_help_names_the_command_and_explains_the_methods():
+    if cli._bench_script() is None:
+        pytest.skip("benches/bench_step.py is absent: not a source checkout")
+    done = subprocess.run([sys.executable, "-m", "sharpness", "bench", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m sharpness bench ")  # before: "usage: bench_step.py"
+    methods = done.stdout[done.stdout.index("methods (--methods)"):]
+    explained = {line.split()[0]: line for line in methods.splitlines()[1:] if line[:3].strip()}
+    assert set(explained) == {"1", "2", "3", "4", "4b", "5", "6"}, methods
+    for key, words in (("1", "per-tensor"), ("2", "foreach"), ("3", "flat"), ("4", "autograd"), ("4b", "in place"),
+                       ("5", "p.grad = None"), ("6", "floor")):
+        assert words in explained[key], (key, explained[key])
 
 
 def test_bench_outside_a_source_checkout(monkeypatch, capsys):

@@ -12,7 +12,10 @@ Sub-commands:
   ``DIR/summary.csv`` and ``DIR/summary.json`` (``--no-report``: none). ``--rho auto``: the
   radii found by :func:`sharpness.find_rho` before the runs (within ``--rho-budget``, 20% of a
   run's steps by default), its table printed and ``rho_search.png`` in each report folder.
-- ``bench``: runs ``benches/bench_step.py`` of a source checkout with the arguments that follow.
+- ``bench``: runs ``benches/bench_step.py`` of a source checkout with the arguments that follow
+  (``--help`` there lists the timed methods).
+
+The usage lines name the command as it was typed: ``python -m sharpness`` or ``sharpness``.
 
 This module only parses arguments; the experiment lives in :mod:`sharpness.demo`.
 """
@@ -21,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 try:
-    from sharpness.demo import DEFAULT_MODELS, MODELS, OPTIMIZERS, QUICK, SCHEDULES, DemoConfig
+    from sharpness.demo import DEFAULT_MODELS, MODELS, OPTIMIZERS, QUICK, SCHEDULES, DemoConfig, MissingRequirement
 except ModuleNotFoundError as error:  # the numpy-only install: say what to install, no traceback
     if error.name != "torch":
         raise
@@ -256,18 +260,24 @@ def _run_demo(args: argparse.Namespace) -> int:
             print(f"sharpness demo: error: --rho-sweep: {err}", file=sys.stderr)
             return 2
         config = dataclasses.replace(config, model=models[0])
-        run_rho_sweep(config, factors, out_dir=None if args.no_report else args.out)
+        try:
+            run_rho_sweep(config, factors, out_dir=None if args.no_report else args.out)
+        except MissingRequirement as err:  # raised before any training
+            print(f"sharpness demo: error: {err}", file=sys.stderr)
+            return 2
         return 0
     from sharpness.demo import run_models
 
-    run_models(config, models, out_dir=None if args.no_report else args.out)
+    try:
+        run_models(config, models, out_dir=None if args.no_report else args.out)
+    except MissingRequirement as err:  # raised before any training
+        print(f"sharpness demo: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _bench_script() -> str | None:
     """``benches/bench_step.py`` of the source checkout this package runs from, if any."""
-    import os
-
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.path.join(root, "benches", "bench_step.py")
     return path if os.path.isfile(path) else None
@@ -276,9 +286,10 @@ def _bench_script() -> str | None:
 def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="time one SAM step against torch implementations (benches/bench_step.py, source checkout only)",
+        help="time one SAM step against torch implementations (benches/bench_step.py, source checkout only; "
+        "bench --help lists its options and methods)",
         description="Runs benches/bench_step.py of the source checkout with every argument that follows "
-        "(try: sharpness bench --quick, sharpness bench -- --help).",
+        "(try: sharpness bench --quick, sharpness bench --help).",
         add_help=False,
     )
     p.set_defaults(run=_run_bench)
@@ -298,13 +309,24 @@ def _run_bench(args: argparse.Namespace) -> int:
     extra = list(args.extra)
     if extra[:1] == ["--"]:
         extra = extra[1:]
-    return subprocess.call([sys.executable, script, *extra])
+    # the script's usage line then names the command that was typed, not bench_step.py
+    env = {**os.environ, "SHARPNESS_BENCH_PROG": f"{args.prog} bench"}
+    return subprocess.call([sys.executable, script, *extra], env=env)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``sharpness`` argument parser with its sub-commands."""
+def invoked_as() -> str:
+    """The command as the user typed it, for usage lines: ``python -m sharpness`` when run as a
+    module (``sys.argv[0]`` is then this package's ``__main__.py``), else ``sharpness``."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py")
+    as_module = bool(sys.argv) and os.path.realpath(sys.argv[0]) == os.path.realpath(here)
+    return "python -m sharpness" if as_module else "sharpness"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with its sub-commands; ``prog`` (default :func:`invoked_as`) names the
+    command in usage lines."""
     parser = argparse.ArgumentParser(
-        prog="sharpness",
+        prog=prog or invoked_as(),
         description="sharpness: fast, exact Sharpness-Aware Minimization (SAM) for PyTorch.",
     )
     try:
@@ -325,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    args.prog = parser.prog
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2

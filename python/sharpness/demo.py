@@ -37,16 +37,19 @@ rates on a validation split, :func:`run_demo` the grid of runs, :func:`summarize
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -878,7 +881,11 @@ def run_demo(
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Runs every optimizer for every seed, prints the table, writes ``results.json`` into
-    ``out_dir`` when given, and returns the results (config, dataset, runs, summary)."""
+    ``out_dir`` when given, and returns the results (config, dataset, runs, summary).
+
+    Raises :class:`MissingRequirement` before any training when a package it will need is not
+    installed (:func:`check_requirements`)."""
+    check_requirements(config, report=out_dir is not None)
     set_threads(config.threads)
     data = load_noisy_digits(config.label_noise, config.test_fraction, config.data_seed).to(config.device)
     info = data.info
@@ -986,6 +993,7 @@ def run_models(
     unknown = [m for m in models if m not in MODELS]
     if unknown or len(set(models)) != len(models):
         raise ValueError(f"models must be distinct names from {MODELS}, got {list(models)}")
+    check_requirements(config, report=out_dir is not None)
     several = len(models) > 1
     results: dict[str, dict[str, Any]] = {}
     for model in models:
@@ -1163,15 +1171,87 @@ def _version() -> str:
         return "unknown"
 
 
-def _progress_factory(enabled: bool) -> Callable[..., Any]:
-    if enabled:
+#: What the demo imports beyond torch, why, and the pip package that provides it.
+REQUIREMENTS = {
+    "sklearn.datasets": ("scikit-learn", "the digits data"),
+    "matplotlib": ("matplotlib", "the report's plots"),
+    "tqdm": ("tqdm", "the progress bars"),
+}
+
+
+class MissingRequirement(ImportError):
+    """A package the demo will need is not installed; the message names it and the pip command."""
+
+
+def requirements(config: DemoConfig, report: bool, stream: TextIO | None = None) -> list[str]:
+    """The modules of :data:`REQUIREMENTS` that a run with ``config`` imports: scikit-learn
+    always, matplotlib when it writes a report (``report``), tqdm when it draws progress bars
+    (``config.progress`` and ``stream``, default ``sys.stderr``, a terminal: elsewhere the
+    progress is plain lines, see :func:`_progress_factory`)."""
+    needed = ["sklearn.datasets"]
+    if report:
+        needed.append("matplotlib")
+    if config.progress and _is_terminal(stream):
+        needed.append("tqdm")
+    return needed
+
+
+def check_requirements(config: DemoConfig, report: bool, stream: TextIO | None = None) -> None:
+    """Imports every module of :func:`requirements` and raises :class:`MissingRequirement`,
+    naming each missing package and the pip command that installs them, when one fails. The
+    demo calls it before any training, so that a missing plotting library costs seconds, not
+    the minutes of the runs before the report."""
+    missing = []
+    for module in requirements(config, report, stream):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if not missing:
+        return
+    packages = [REQUIREMENTS[module][0] for module in missing]
+    needs = ", ".join(f"{REQUIREMENTS[module][0]} ({REQUIREMENTS[module][1]})" for module in missing)
+    without = []
+    if "matplotlib" in missing:
+        without.append("--no-report (no plots)")
+    if "tqdm" in missing:
+        without.append("--no-progress (no bars)")
+    raise MissingRequirement(
+        f"the demo needs {needs}, {'which is' if len(missing) == 1 else 'which are'} not installed; nothing was run. "
+        f"Install: python -m pip install {' '.join(packages)} (everything the demo uses: python -m pip install "
+        "'sharpness[demo]')" + "".join(f", or run with {option}" for option in without)
+    )
+
+
+#: Without a terminal (output to a log file or a pipe) progress is plain lines: one each time
+#: another tenth of the work is done, at most one per this many seconds per bar.
+PROGRESS_LINE_SECONDS = 10.0
+
+
+def _is_terminal(stream: TextIO | None = None) -> bool:
+    """Whether ``stream`` (default ``sys.stderr``, where progress goes) is a terminal."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+def _progress_factory(enabled: bool, stream: TextIO | None = None) -> Callable[..., Any]:
+    """The progress bar class the demo uses, called with tqdm's arguments: tqdm's bar when
+    ``enabled`` and ``stream`` (default ``sys.stderr``) is a terminal; :class:`_LineProgress`
+    (plain periodic lines) when it is a file or a pipe, where tqdm's carriage returns would pile
+    up in one endless line; :class:`_NoProgress` when not ``enabled``."""
+    if not enabled:
+        return _NoProgress
+    if _is_terminal(stream):
         try:
             from tqdm.auto import tqdm
 
             return tqdm
-        except ImportError:  # pragma: no cover - tqdm is a dependency
+        except ImportError:  # check_requirements has said so before the runs: lines will do
             pass
-    return _NoProgress
+    return functools.partial(_LineProgress, stream=stream)
 
 
 class _NoProgress:
@@ -1191,3 +1271,44 @@ class _NoProgress:
 
     def update(self, n: int = 1) -> None:
         pass
+
+
+class _LineProgress(_NoProgress):
+    """A progress bar for logs, with tqdm's interface as the demo uses it: a plain line (no
+    carriage return) each time another tenth of ``total`` is done, at most one per
+    :data:`PROGRESS_LINE_SECONDS`, and a last one at the end when an earlier one was printed, e.g.
+    ``sam seed 0: 20/40 ep (50%), 12 s, ~12 s left, loss=0.512, test_acc=0.913``."""
+
+    def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.perf_counter, **_tqdm_options: Any) -> None:
+        self.total, self.desc, self.unit, self.stream, self.clock = total, desc.strip(), unit, stream, clock
+        self.count = 0
+        self.postfix = ""
+        self.started = self.last_line = clock()
+        self.next_tenth = 1
+        self.lines = 0
+
+    def set_postfix(self, *args: Any, **values: Any) -> None:
+        self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        if not self.total or 10 * self.count < self.next_tenth * self.total:
+            return
+        self.next_tenth = 10 * self.count // self.total + 1
+        now = self.clock()
+        finished = self.count >= self.total
+        if now - self.last_line >= PROGRESS_LINE_SECONDS or (finished and self.lines):
+            self._print_line(now)
+
+    def _print_line(self, now: float) -> None:
+        assert self.total  # update prints only with a total
+        elapsed = now - self.started
+        text = f"{self.desc}: {self.count}/{self.total} {self.unit} ({100 * self.count // self.total}%), {elapsed:.0f} s"
+        if 0 < self.count < self.total:
+            text += f", ~{elapsed * (self.total - self.count) / self.count:.0f} s left"
+        if self.postfix:
+            text += f", {self.postfix}"
+        print(text, file=sys.stderr if self.stream is None else self.stream, flush=True)
+        self.last_line = now
+        self.lines += 1

@@ -29,6 +29,7 @@ from sharpness.demo import (
     DemoConfig,
     _mean_std,
     _progress_factory,
+    check_requirements,
     initial_state,
     load_noisy_digits,
     radius_field,  # noqa: F401 - the field of each optimizer's radius, known here by that name too
@@ -50,6 +51,7 @@ def run_rho_sweep(
     prints the table, writes the report into ``out_dir`` when given, returns the results."""
     if not factors or any(not f > 0 for f in factors):
         raise ValueError(f"factors must be numbers > 0, got {list(factors)}")
+    check_requirements(config, report=out_dir is not None)  # before the runs: sweep.png needs matplotlib
     config = replace(config, measure_size=0)  # accuracy only: the sharpness measures are the demo's
     set_threads(config.threads)
     data = load_noisy_digits(config.label_noise, config.test_fraction, config.data_seed).to(config.device)
@@ -173,5 +175,8 @@ def write_sweep(results: dict[str, Any], out_dir: str | os.PathLike[str]) -> lis
     png_path = os.path.join(out_dir, "sweep.png")
     from sharpness.plots import plot_rho_sweep
 
-    plot_rho_sweep(results["rows"], png_path, title=f"{results['config']['model']}: test accuracy against ρ")
+    config = results["config"]
+    seeds = "1 seed" if config["seeds"] == 1 else f"{config['seeds']} seeds"
+    plot_rho_sweep(results["rows"], png_path, title=f"digits, {config['model'].upper()}, {100 * config['label_noise']:g}% "
+                   f"label noise: test accuracy against ρ ({seeds})")
     return [csv_path, json_path, png_path]
