@@ -89,6 +89,25 @@ methods (--methods): each times SAM's first_step + second_step (SGD, momentum 0.
 """
 
 
+#: The keys ``--methods`` accepts, in the default order (the classes are bound to them in METHODS).
+METHOD_KEYS = ("1", "2", "3", "4", "4b", "5")
+
+
+def method_list(text: str) -> str:
+    """``--methods``: a comma-separated list of distinct keys of :data:`METHOD_KEYS`, returned
+    normalised (``"1, 4b"`` -> ``"1,4b"``); anything else is an argparse error naming the keys."""
+    keys = [key.strip().lower() for key in text.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in METHOD_KEYS]
+    if not keys or unknown:
+        floor = " (6, the floor, always runs and is not listed)" if "6" in unknown else ""
+        raise argparse.ArgumentTypeError(
+            f"unknown method {', '.join(unknown) if unknown else repr(text)}{floor}: choose a comma-separated "
+            f"list of {', '.join(METHOD_KEYS)} (--help says what each one times)")
+    if len(set(keys)) != len(keys):
+        raise argparse.ArgumentTypeError(f"a method is listed twice: {text!r}")
+    return ",".join(keys)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # `python -m sharpness bench` runs this script: SHARPNESS_BENCH_PROG makes the usage line say so
     ap = argparse.ArgumentParser(prog=os.environ.get("SHARPNESS_BENCH_PROG") or None,
@@ -103,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shapes", default="resnet18,transformer", help="comma-separated: resnet18, transformer")
     ap.add_argument("--d-model", type=int, default=None, help="transformer width (default 256; quick: 64)")
     ap.add_argument("--blocks", type=int, default=24, help="transformer blocks (default 24)")
-    ap.add_argument("--methods", default="1,2,3,4,4b,5",
+    ap.add_argument("--methods", type=method_list, default=",".join(METHOD_KEYS),
                     help="comma-separated, which methods to time (default: all; listed below); the floor always runs")
     ap.add_argument("--json", type=Path, default=None, help="write the results to this file")
     ap.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the gradients (default 0)")
