@@ -23,6 +23,9 @@ def _load(name: str, path: Path):
     return module
 
 
+if not (ROOT / "tools" / "readme_tables.py").exists() or not (ROOT / "README.md").exists():  # pragma: no cover
+    pytest.skip("the README's tables are checked in a source checkout (tools/, README.md): not here",
+                allow_module_level=True)
 tool = _load("readme_tables", ROOT / "tools" / "readme_tables.py")
 
 
