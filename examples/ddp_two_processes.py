@@ -19,6 +19,7 @@ Needs ``pip install 'sharpness[torch]' scikit-learn``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -99,6 +100,12 @@ def worker(rank: int, args: argparse.Namespace, address: str) -> None:
         dist.barrier()  # leave together: gloo aborts a process whose peer tears down mid-exchange
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's shutdown: there gloo's and DDP's background threads can still be
+    # destroyed while joinable and abort the process ("terminate called without an active
+    # exception") after the work is done and checked. Only a successful replica gets here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
