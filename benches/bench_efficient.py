@@ -95,6 +95,7 @@ import _zoo  # noqa: E402
 
 import sharpness  # noqa: E402
 from sharpness.batchnorm import frozen_running_stats  # noqa: E402
+from sharpness.demo import _finite  # noqa: E402  (NaN/inf as None: strict JSON, as the demo writes it)
 
 METHODS = ("base", "sam", "looksam", "looksam_pick", "everyk", "aesam", "msam", "esam")
 LABELS = {
@@ -788,15 +789,6 @@ def header(settings: Settings, jobs: int, argv: Sequence[str]) -> str:
 
 # -- output --------------------------------------------------------------------------------------------
 
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 RUN_COLUMNS = ("stage", "pair", "base", "noise", "seed", "method", "rho", "lr", "epochs", "train_size", "steps",
